@@ -1,0 +1,1 @@
+"""pitstop.daemon: the resident device service (see issue: daemon)."""

@@ -1,0 +1,1 @@
+"""pitstop.hil: the hardware-in-loop rig (see issue: HIL rig)."""

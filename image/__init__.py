@@ -1,0 +1,1 @@
+"""pitstop.image: image builds from recipes (see issue: image builder)."""

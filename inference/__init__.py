@@ -1,0 +1,1 @@
+"""pitstop.inference: TensorRT and ONNX Runtime loops (see issue: inference)."""

@@ -1,0 +1,96 @@
+"""Extracting one payload, verified on the way; nothing is left behind on failure.
+
+rootfs → a file; model → a directory with the model file and `model.json`; files → a directory tree.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pitstop.atomic import atomic_dir, atomic_file
+from pitstop.errors import UsageError
+from pitstop.ota import bundle_format as fmt
+from pitstop.ota.bundle_reader import PayloadStream, payload_pool, read_layout, skip
+from pitstop.ota.files_archive import extract_tree
+from pitstop.ota.manifest import Manifest, Payload
+
+ProgressFn = Callable[[int], None]
+
+
+class ChunkReader(io.RawIOBase):
+    """A read-only stream over verified chunks, for consumers that want a file (tarfile)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = memoryview(nxt)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def drain(self) -> None:
+        """Consume what the reader did not (tar padding), so the payload-wide checks run."""
+        self._buf = memoryview(b"")
+        for _ in self._chunks:
+            pass
+
+
+def _seek_to(f: BinaryIO, m: Manifest, p: Payload) -> None:
+    skip(f, p.region_start)
+
+
+def _counted(chunks: Iterator[bytes], progress: ProgressFn | None) -> Iterator[bytes]:
+    for c in chunks:
+        if progress:
+            progress(len(c))
+        yield c
+
+
+def extract_payload(f: BinaryIO, m: Manifest, name: str, dest: Path, *, progress: ProgressFn | None = None,
+                    limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> Payload:
+    """Extract payload `name` to `dest`. `f` must be at the start of the payload area."""
+    p = m.payload(name)
+    dest = Path(dest)
+    if p.type != "rootfs" and dest.exists():
+        raise UsageError(f"{dest} already exists; extract a {p.type} payload to a new directory")
+    if not dest.parent.is_dir():
+        raise UsageError(f"directory {dest.parent} does not exist")
+    _seek_to(f, m, p)
+    layout = read_layout(f, p, limits)
+    with payload_pool() as pool:
+        chunks = _counted(iter(PayloadStream(f, p, layout, pool)), progress)
+        if p.type == "files":
+            with atomic_dir(dest) as tmp:
+                reader = ChunkReader(chunks)
+                extract_tree(io.BufferedReader(reader, 1 << 20), tmp, limits)
+                reader.drain()
+        elif p.type == "model":
+            file_name = p.model_file
+            assert file_name is not None
+            with atomic_dir(dest) as tmp:
+                with open(tmp / file_name, "wb") as out:
+                    for c in chunks:
+                        out.write(c)
+                assert p.model is not None
+                desc = {"name": p.name, "file": file_name, "sha256": p.sha256,
+                        "description": p.model.get("description", {})}
+                (tmp / "model.json").write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")
+        else:
+            with atomic_file(dest) as out:
+                for c in chunks:
+                    out.write(c)
+    return p

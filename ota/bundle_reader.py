@@ -1,0 +1,239 @@
+"""Reading a bundle in one pass: header, manifest and signature first, then verified payload chunks.
+
+`open_verified` checks everything a device must check before reading a single payload byte
+(signature, chain, clock policy, compatible, security_version). `PayloadStream` then yields each
+payload's chunks in order, each verified against its id before it is handed out; the payload's
+length, SHA-256 and the hash of its compressed data are checked when the last chunk has been read.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO
+
+from cryptography import x509
+
+from pitstop.ota import bundle_format as fmt
+from pitstop.ota import caibx, manifest
+from pitstop.ota.chunks import decompress_chunk
+from pitstop.ota.errors import (
+    BundleError,
+    BundleLimitError,
+    CompatibilityError,
+    DowngradeError,
+    PayloadError,
+)
+from pitstop.ota.manifest import Manifest, Payload
+from pitstop.ota.trust import Clock, SignatureBlock, SignerInfo, decode_signature_block, verify_bundle_signature
+
+_SKIP = 8 << 20
+
+
+def read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    """Read exactly n bytes or raise BundleError naming what was being read."""
+    parts = []
+    remaining = n
+    while remaining:
+        b = f.read(remaining)
+        if not b:
+            raise BundleError(f"bundle is truncated: {what} ends early")
+        parts.append(b)
+        remaining -= len(b)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+@dataclass(frozen=True)
+class Preamble:
+    """Everything before the payload area, parsed but not yet trusted."""
+
+    header: fmt.Header
+    manifest_bytes: bytes
+    manifest: Manifest
+    signature_bytes: bytes
+
+    def signature_block(self, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> SignatureBlock:
+        return decode_signature_block(self.signature_bytes, limits)
+
+
+def read_preamble(f: BinaryIO, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> Preamble:
+    header = fmt.decode_header(read_exact(f, fmt.HEADER_SIZE, "header"), limits)
+    mbytes = read_exact(f, header.manifest_size, "manifest")
+    sbytes = read_exact(f, header.signature_size, "signature block")
+    m = manifest.parse(mbytes, limits)
+    if m.payload_area_size != header.payload_area_size:
+        raise BundleError("bundle header and manifest disagree on the payload area size")
+    return Preamble(header, mbytes, m, sbytes)
+
+
+def check_policy(m: Manifest, *, compatible: str | None, min_security_version: int | None) -> None:
+    """Pure update policy: the device's compatible string and its anti-rollback floor."""
+    if compatible is not None and m.compatible != compatible:
+        raise CompatibilityError(f"bundle is for {m.compatible!r}, this device is {compatible!r}")
+    if min_security_version is not None and m.security_version < min_security_version:
+        raise DowngradeError(
+            f"bundle security_version {m.security_version} is below the minimum {min_security_version} "
+            "(downgrade refused)"
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    keyring: Sequence[x509.Certificate]
+    clock: Clock
+    compatible: str | None = None
+    min_security_version: int | None = None
+
+
+@dataclass(frozen=True)
+class VerifiedPreamble:
+    preamble: Preamble
+    signer: SignerInfo
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.preamble.manifest
+
+
+def open_verified(f: BinaryIO, policy: Policy, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> VerifiedPreamble:
+    """Read and verify everything before the payloads; `f` is left at the start of the payload area."""
+    pre = read_preamble(f, limits)
+    block = pre.signature_block(limits)
+    signed_at: datetime = pre.manifest.created
+    signer = verify_bundle_signature(pre.manifest_bytes, block, policy.keyring, signed_at=signed_at,
+                                     clock=policy.clock)
+    check_policy(pre.manifest, compatible=policy.compatible, min_security_version=policy.min_security_version)
+    return VerifiedPreamble(pre, signer)
+
+
+def skip(f: BinaryIO, n: int) -> None:
+    if n == 0:
+        return
+    if f.seekable():
+        pos = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        if end < pos + n:
+            raise BundleError("bundle is truncated: payload area ends early")
+        f.seek(pos + n)
+        return
+    while n:
+        b = f.read(min(n, _SKIP))
+        if not b:
+            raise BundleError("bundle is truncated: payload area ends early")
+        n -= len(b)
+
+
+def expect_eof(f: BinaryIO) -> None:
+    if f.read(1):
+        raise BundleError("bundle has trailing bytes after its payload area")
+
+
+@dataclass(frozen=True)
+class PayloadLayout:
+    """A payload's verified chunk index and compressed-size table."""
+
+    index: caibx.ChunkIndex
+    index_bytes: bytes
+    sizes: tuple[int, ...]
+
+
+def read_layout(f: BinaryIO, p: Payload, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> PayloadLayout:
+    """Read and check a payload's index and table; `f` must be at the payload's region start."""
+    index_bytes = read_exact(f, p.index.size, f"chunk index of {p.name!r}")
+    if hashlib.sha256(index_bytes).hexdigest() != p.index.sha256:
+        raise PayloadError(f"chunk index of payload {p.name!r} does not match the signed manifest")
+    idx = caibx.decode(index_bytes, max_chunks=limits.max_chunks, max_chunk_size=limits.max_chunk_size)
+    sha512 = bool(idx.feature_flags & caibx.CA_FORMAT_SHA512_256)
+    if len(idx) != p.chunks or idx.size != p.size or sha512 != (p.chunk_digest == "sha512-256") or (
+        (idx.chunk_min, idx.chunk_avg, idx.chunk_max) != p.chunking
+    ):
+        raise PayloadError(f"chunk index of payload {p.name!r} disagrees with the manifest")
+    table = read_exact(f, p.table.size, f"chunk table of {p.name!r}")
+    if hashlib.sha256(table).hexdigest() != p.table.sha256:
+        raise PayloadError(f"chunk table of payload {p.name!r} does not match the signed manifest")
+    sizes = struct.unpack(f"<{p.chunks}I", table)
+    cap = limits.max_compressed_chunk(p.chunking[2])
+    if any(s == 0 or s > cap for s in sizes):
+        raise BundleLimitError(f"payload {p.name!r} has a compressed chunk size outside 1..{cap}")
+    if sum(sizes) != p.data.size:
+        raise PayloadError(f"chunk table of payload {p.name!r} points outside its data region")
+    return PayloadLayout(idx, index_bytes, sizes)
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class PayloadStream:
+    """Yields a payload's chunks, verified, in order. Iterate to the end: the payload-wide checks
+    (length, SHA-256, compressed-data hash) run after the last chunk, and raise PayloadError."""
+
+    def __init__(self, f: BinaryIO, payload: Payload, layout: PayloadLayout, pool: ThreadPoolExecutor,
+                 *, keep_frames: bool = False) -> None:
+        self._f = f
+        self.payload = payload
+        self.layout = layout
+        self._pool = pool
+        self._keep_frames = keep_frames
+        self.frames: list[bytes] = []
+
+    def __iter__(self) -> Iterator[bytes]:
+        p = self.payload
+        full = hashlib.sha256()
+        data_hash = hashlib.sha256()
+        idx = self.layout.index
+        pending: collections.deque[Future[bytes]] = collections.deque()
+        depth = 4 * _workers()
+        try:
+            for i, csize in enumerate(self.layout.sizes):
+                frame = read_exact(self._f, csize, f"payload {p.name!r}")
+                data_hash.update(frame)
+                _, length = idx.chunk_span(i)
+                pending.append(self._pool.submit(decompress_chunk, frame, length, idx.ids[i], p.chunk_digest))
+                if self._keep_frames:
+                    self.frames.append(frame)
+                while len(pending) > depth:
+                    chunk = self._result(pending.popleft(), p)
+                    full.update(chunk)
+                    yield chunk
+            while pending:
+                chunk = self._result(pending.popleft(), p)
+                full.update(chunk)
+                yield chunk
+        finally:
+            for fut in pending:
+                fut.cancel()
+        if data_hash.hexdigest() != p.data.sha256:
+            raise PayloadError(f"compressed data of payload {p.name!r} does not match the signed manifest")
+        if full.hexdigest() != p.sha256:
+            raise PayloadError(f"payload {p.name!r} does not match its SHA-256 in the signed manifest")
+
+    @staticmethod
+    def _result(fut: Future[bytes], p: Payload) -> bytes:
+        try:
+            return fut.result()
+        except PayloadError as e:
+            raise PayloadError(f"payload {p.name!r}: {e.message}") from None
+
+
+def payload_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_workers(), thread_name_prefix="verify")
+
+
+def verify_payloads(f: BinaryIO, m: Manifest, on_bytes: Callable[[int], None] | None = None,
+                    limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> None:
+    """Verify every payload from the start of the payload area to the end of the file."""
+    cb = on_bytes
+    with payload_pool() as pool:
+        for p in m.payloads:
+            layout = read_layout(f, p, limits)
+            for chunk in PayloadStream(f, p, layout, pool):
+                if cb:
+                    cb(len(chunk))
+    expect_eof(f)

@@ -1,0 +1,65 @@
+"""The `pitstop` command: one parser, each area registers its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pitstop import __version__
+from pitstop.errors import PitstopError
+from pitstop.ota import cli as ota_cli
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, exit 2, like every other expected failure.
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pitstop", description="pitstop: A/B images, signed updates and inference for edge devices")
+    parser.add_argument("--version", action="version", version=f"pitstop {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for commands run)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub = parser.add_subparsers(dest="area", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    ota_cli.register(sub)
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose >= 2:
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose == 0 and not sys.stderr.isatty():
+        # Off a terminal, progress is a handful of INFO lines: keep them.
+        logging.getLogger("pitstop.progress").setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except PitstopError as e:
+        sys.stderr.write(f"pitstop: error: {e.message}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("pitstop: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

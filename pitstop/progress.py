@@ -1,0 +1,70 @@
+"""Progress for long operations: a bar on a terminal, a few plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TextIO
+
+log = logging.getLogger("pitstop.progress")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Progress:
+    """Counts bytes done out of `total`; draws at most ~10 times a second, logs every 10% off a terminal."""
+
+    def __init__(self, label: str, total: int, *, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.label = label
+        self.total = max(total, 0)
+        self.done = 0
+        self._stream = stream if stream is not None else sys.stderr
+        self._tty = enabled and self._stream.isatty()
+        self._enabled = enabled
+        self._start = time.monotonic()
+        self._last_draw = 0.0
+        self._last_decile = -1
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if self._tty:
+            if now - self._last_draw >= 0.1:
+                self._last_draw = now
+                self._draw(now)
+        elif self.total:
+            decile = min(10, self.done * 10 // self.total)
+            if decile != self._last_decile and decile < 10:
+                self._last_decile = decile
+                log.info("%s: %d%% (%s of %s)", self.label, decile * 10, _human(self.done), _human(self.total))
+
+    def _draw(self, now: float) -> None:
+        frac = self.done / self.total if self.total else 1.0
+        width = 30
+        filled = int(width * min(frac, 1.0))
+        rate = self.done / max(now - self._start, 1e-6)
+        self._stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
+            f"{_human(self.done)}/{_human(self.total)} {_human(rate)}/s "
+        )
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if not self._enabled:
+            return
+        elapsed = time.monotonic() - self._start
+        if self._tty:
+            self._draw(time.monotonic())
+            self._stream.write("\n")
+            self._stream.flush()
+        else:
+            log.info("%s: done, %s in %.1f s", self.label, _human(self.done), elapsed)

@@ -31,7 +31,14 @@ from pitstop.ota.errors import (
     PayloadError,
 )
 from pitstop.ota.manifest import Manifest, Payload
-from pitstop.ota.trust import Clock, SignatureBlock, SignerInfo, decode_signature_block, verify_bundle_signature
+from pitstop.ota.trust import (
+    Clock,
+    SignatureBlock,
+    SignerInfo,
+    decode_signature_block,
+    verify_raw_signature,
+    verify_signer,
+)
 
 _SKIP = 8 << 20
 
@@ -50,6 +57,24 @@ def read_exact(f: BinaryIO, n: int, what: str) -> bytes:
 
 
 @dataclass(frozen=True)
+class RawPreamble:
+    """Everything before the payload area, as bytes: nothing parsed beyond the header."""
+
+    header: fmt.Header
+    manifest_bytes: bytes
+    signature_bytes: bytes
+
+    def signature_block(self, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> SignatureBlock:
+        return decode_signature_block(self.signature_bytes, limits)
+
+    def parse(self, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> Preamble:
+        m = manifest.parse(self.manifest_bytes, limits)
+        if m.payload_area_size != self.header.payload_area_size:
+            raise BundleError("bundle header and manifest disagree on the payload area size")
+        return Preamble(self.header, self.manifest_bytes, m, self.signature_bytes)
+
+
+@dataclass(frozen=True)
 class Preamble:
     """Everything before the payload area, parsed but not yet trusted."""
 
@@ -62,14 +87,15 @@ class Preamble:
         return decode_signature_block(self.signature_bytes, limits)
 
 
-def read_preamble(f: BinaryIO, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> Preamble:
+def read_raw_preamble(f: BinaryIO, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> RawPreamble:
     header = fmt.decode_header(read_exact(f, fmt.HEADER_SIZE, "header"), limits)
     mbytes = read_exact(f, header.manifest_size, "manifest")
     sbytes = read_exact(f, header.signature_size, "signature block")
-    m = manifest.parse(mbytes, limits)
-    if m.payload_area_size != header.payload_area_size:
-        raise BundleError("bundle header and manifest disagree on the payload area size")
-    return Preamble(header, mbytes, m, sbytes)
+    return RawPreamble(header, mbytes, sbytes)
+
+
+def read_preamble(f: BinaryIO, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> Preamble:
+    return read_raw_preamble(f, limits).parse(limits)
 
 
 def check_policy(m: Manifest, *, compatible: str | None, min_security_version: int | None) -> None:
@@ -103,11 +129,13 @@ class VerifiedPreamble:
 
 def open_verified(f: BinaryIO, policy: Policy, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> VerifiedPreamble:
     """Read and verify everything before the payloads; `f` is left at the start of the payload area."""
-    pre = read_preamble(f, limits)
-    block = pre.signature_block(limits)
+    raw = read_raw_preamble(f, limits)
+    block = raw.signature_block(limits)
+    # The signature is checked before the manifest is parsed: nothing unsigned is interpreted.
+    verify_raw_signature(block.algorithm, block.certificates[0], block.signature, raw.manifest_bytes)
+    pre = raw.parse(limits)
     signed_at: datetime = pre.manifest.created
-    signer = verify_bundle_signature(pre.manifest_bytes, block, policy.keyring, signed_at=signed_at,
-                                     clock=policy.clock)
+    signer = verify_signer(block, policy.keyring, signed_at=signed_at, clock=policy.clock)
     check_policy(pre.manifest, compatible=policy.compatible, min_security_version=policy.min_security_version)
     return VerifiedPreamble(pre, signer)
 

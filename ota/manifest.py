@@ -210,10 +210,13 @@ def _hex64(d: dict[str, Any], key: str, where: str) -> str:
     return v
 
 
-def _region(d: dict[str, Any], key: str, where: str, cap: int) -> Region:
+def _region(d: dict[str, Any], key: str, where: str, area: int) -> Region:
     r: dict[str, Any] = _get(d, key, dict, where)
     w = f"{where}.{key}"
-    return Region(_uint(r, "offset", w, cap), _uint(r, "size", w, cap), _hex64(r, "sha256", w))
+    region = Region(_uint(r, "offset", w, 2**64 - 1), _uint(r, "size", w, 2**64 - 1), _hex64(r, "sha256", w))
+    if region.end > area:
+        raise BundleError(f"{w} points outside the payload area ({region.offset}+{region.size} > {area})")
+    return region
 
 
 _PAYLOAD_KEYS = {"name", "type", "target", "size", "sha256", "chunks", "chunk_digest", "compression",

@@ -242,17 +242,17 @@ def build_path(chain: Sequence[x509.Certificate], keyring: Sequence[x509.Certifi
     )
 
 
-def verify_bundle_signature(
-    manifest_bytes: bytes,
+def verify_signer(
     block: SignatureBlock,
     keyring: Sequence[x509.Certificate],
     *,
     signed_at: datetime,
     clock: Clock,
 ) -> SignerInfo:
-    """Check signature, chain to the keyring, key usages and validity times. Return who signed."""
-    leaf = block.certificates[0]
-    verify_raw_signature(block.algorithm, leaf, block.signature, manifest_bytes)
+    """Check the chain to the keyring, key usages and validity times. Return who signed.
+
+    Call after `verify_raw_signature` has accepted the manifest bytes: `signed_at` comes from them.
+    """
     path = build_path(block.certificates, keyring)
     for i, cert in enumerate(path):
         _check_extensions(cert, as_ca=i > 0, ca_below=max(i - 1, 0))

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bundlekit import Keys, make_keys
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 QEMU = "qemu-system-x86_64"
@@ -97,3 +98,21 @@ def find_tool(name: str) -> str:
 def tool() -> Callable[[str], str]:
     """``tool("casync")`` -> path of the tool; skips (or fails under CI=true) when missing."""
     return find_tool
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """A development PKI (ECDSA P-256): root → intermediate → signing certificate."""
+    return make_keys(tmp_path_factory.mktemp("keys") / "pki")
+
+
+@pytest.fixture(scope="session")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """A second, unrelated PKI: bundles it signs must not verify against `keys`' keyring."""
+    return make_keys(tmp_path_factory.mktemp("other") / "pki", name="stranger")
+
+
+@pytest.fixture(scope="session")
+def ed_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    """A development PKI with Ed25519 keys."""
+    return make_keys(tmp_path_factory.mktemp("ed") / "pki", "ed25519", name="ed dev")

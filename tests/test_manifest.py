@@ -69,7 +69,7 @@ def test_layout_must_be_contiguous() -> None:
     m = _manifest()
     d = json.loads(m.encode())
     d["payloads"][0]["table"]["offset"] += 1
-    with pytest.raises(BundleError, match="contiguous|outside"):
+    with pytest.raises(BundleError, match=r"contiguous|outside"):
         parse(json.dumps(d).encode())
     d = json.loads(m.encode())
     d["payload_area_size"] += 5

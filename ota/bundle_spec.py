@@ -19,6 +19,7 @@ from pitstop.ota.manifest import PAYLOAD_TYPES, check_name, check_semver, check_
 _TOP_KEYS = {"version", "security_version", "compatible", "description", "chunking", "compression", "payload"}
 _PAYLOAD_KEYS = {"name", "type", "source", "target", "description", "description_file"}
 _DEFAULT_TARGETS = {"rootfs": "rootfs"}
+_TYPE_NAMES: dict[type, str] = {int: "a whole number", str: "a string", dict: "a table", list: "an array"}
 
 
 def build_time() -> datetime:
@@ -106,7 +107,7 @@ def _typed(where: str, table: dict[str, Any], key: str, typ: type, default: Any 
         return default
     v = table[key]
     if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise SpecError(f"{where}: key {key!r} must be a {typ.__name__}")
+        raise SpecError(f"{where}: key {key!r} must be {_TYPE_NAMES.get(typ, typ.__name__)}")
     return v
 
 

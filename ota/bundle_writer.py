@@ -123,23 +123,31 @@ def _build_manifest(bundle: BundleSpec, spooled: list[_Spooled]) -> Manifest:
 
 
 def copy_bytes(src: BinaryIO, dst: BinaryIO, size: int) -> None:
-    """Copy exactly `size` bytes from the current position of src to dst, in the kernel where possible."""
+    """Copy exactly `size` bytes from src's current position to dst's, in the kernel where possible.
+
+    Both are buffered Python files: the kernel copy uses explicit offsets from their logical
+    positions (a reader may have read ahead), and both positions are moved past the copy after.
+    """
     dst.flush()
-    remaining = size
+    src_pos, dst_pos = src.tell(), dst.tell()
+    done = 0
     try:
-        while remaining:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), min(remaining, 1 << 30))
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), min(size - done, 1 << 30), src_pos + done,
+                                   dst_pos + done)
             if n == 0:
                 break
-            remaining -= n
+            done += n
     except OSError:
         pass
-    while remaining:
-        buf = src.read(min(remaining, _COPY))
+    src.seek(src_pos + done)
+    dst.seek(dst_pos + done)
+    while done < size:
+        buf = src.read(min(size - done, _COPY))
         if not buf:
             raise BundleError("bundle is truncated: payload area ends early")
         dst.write(buf)
-        remaining -= len(buf)
+        done += len(buf)
 
 
 def _write(output: Path, manifest_bytes: bytes, sig: bytes, payload_area_size: int,

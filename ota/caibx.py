@@ -31,7 +31,8 @@ _TAIL = struct.Struct("<5Q")
 
 @dataclass(frozen=True)
 class ChunkIndex:
-    """Chunk ids are SHA-256 of the uncompressed chunk unless `feature_flags` has CA_FORMAT_SHA512_256."""
+    """Chunk ids are SHA-256 of the uncompressed chunk unless `feature_flags` has CA_FORMAT_SHA512_256.
+    Other feature bits describe casync archives, not blobs, and are carried but ignored."""
 
     chunk_min: int
     chunk_avg: int
@@ -81,8 +82,8 @@ def decode(data: bytes, *, max_chunks: int, max_chunk_size: int) -> ChunkIndex:
     size, typ, flags, cmin, cavg, cmax = _HEADER.unpack_from(data, 0)
     if size != HEADER_SIZE or typ != CA_FORMAT_INDEX:
         raise BundleError("chunk index header is not a casync index header")
-    if flags & ~CA_FORMAT_SHA512_256:
-        raise BundleError(f"chunk index has unsupported feature flags {flags:#x}")
+    # Only the digest bit matters for a blob index; casync also sets archive-related bits
+    # (EXCLUDE_NODUMP, EXCLUDE_FILE, ...) on every index it makes, which do not affect blobs.
     if not 1 <= cmin <= cavg <= cmax <= max_chunk_size:
         raise BundleError(f"chunk index has invalid chunk sizes {cmin}/{cavg}/{cmax}")
     tsize, ttype = _TABLE_HEADER.unpack_from(data, HEADER_SIZE)

@@ -29,8 +29,29 @@ def link_stays_inside(member: str, linkname: str) -> bool:
     return resolved != ".." and not resolved.startswith("../")
 
 
+def check_links_resolve_inside(root: Path) -> None:
+    """Every symlink under `root`, resolved through the links beside it, must land inside `root`.
+
+    The lexical check on each link alone is not enough: `a -> ..` is harmless by itself, but
+    `b -> x/a/..` with `x/a -> ..` climbs out. Resolving the finished tree catches every chain.
+    """
+    real_root = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                target = os.path.realpath(p)
+                if target != real_root and not target.startswith(real_root + os.sep):
+                    rel = os.path.relpath(p, root)
+                    raise UnsafePathError(f"symlink {rel} -> {os.readlink(p)} resolves outside the tree")
+
+
 def write_tree(src: Path, out: BinaryIO, mtime_clamp: datetime) -> int:
     """Write `src` as a PAX tar to `out`: sorted, owner 0:0, mtimes clamped; return the entry count."""
+    try:
+        check_links_resolve_inside(src)
+    except UnsafePathError as e:
+        raise SpecError(f"{src}: {e.message}") from None
     clamp = int(mtime_clamp.timestamp())
     count = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -46,6 +67,10 @@ def write_tree(src: Path, out: BinaryIO, mtime_clamp: datetime) -> int:
 
 
 def _add(tar: tarfile.TarFile, full: str, rel: str, clamp: int) -> None:
+    try:
+        check_relative_path(rel, "file name")
+    except UnsafePathError as e:
+        raise SpecError(f"{e.message}: it could not be extracted") from None
     st = os.lstat(full)
     info = tarfile.TarInfo(rel)
     info.mtime = min(int(st.st_mtime), clamp)
@@ -98,6 +123,7 @@ def extract_tree(stream: BinaryIO, dest: Path, limits: Limits = DEFAULT_LIMITS) 
                     dirs.append((dest / member.name, member.mode & 0o777, int(member.mtime)))
     except tarfile.TarError as e:
         raise BundleError(f"files payload is not a valid archive: {e}") from None
+    check_links_resolve_inside(dest)
     # Directory modes and times last: a read-only directory must not block its own entries.
     for path, mode, mtime in reversed(dirs):
         os.chmod(path, mode)

@@ -7,6 +7,7 @@ failures become `CommandError` with a readable message instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -60,6 +61,12 @@ def _describe(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run(
     cmd: Sequence[str | os.PathLike[str]],
     *,
@@ -82,7 +89,8 @@ def run(
             stderr=pipe,
             env=clean_env(env),
             cwd=cwd,
-            start_new_session=False,
+            # Its own process group, so a timeout or interrupt ends the whole tree it started.
+            start_new_session=True,
         )
     except FileNotFoundError as e:
         raise CommandError(f"{argv[0]}: command not found", returncode=127) from e
@@ -91,13 +99,11 @@ def run(
     try:
         out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        proc.kill()
-        proc.wait()
+        _kill_group(proc)
         raise CommandError(f"{shlex.join(argv)}: timed out after {timeout} s") from e
     except BaseException:
         # Never leave an orphan behind when the caller is interrupted.
-        proc.kill()
-        proc.wait()
+        _kill_group(proc)
         raise
     out = out or b""
     err = err or b""

@@ -55,7 +55,6 @@ def test_empty_index() -> None:
         (lambda b: b[:-1], "whole number"),
         (lambda b: b[:50], "too short"),
         (lambda b: b[:8] + struct.pack("<Q", 1) + b[16:], "not a casync index"),
-        (lambda b: b[:16] + struct.pack("<Q", 1 << 62) + b[24:], "feature flags"),
         (lambda b: b[:24] + struct.pack("<Q", 0) + b[32:], "chunk sizes"),
         (lambda b: b[:40] + struct.pack("<Q", 1 << 40) + b[48:], "chunk sizes"),
         (lambda b: b[:48] + struct.pack("<Q", 5) + b[56:], "table header"),
@@ -76,3 +75,11 @@ def test_chunk_count_cap() -> None:
     data = caibx.encode(_index([20000] * 10))
     with pytest.raises(BundleLimitError):
         caibx.decode(data, max_chunks=9, max_chunk_size=MAXC)
+
+
+def test_casync_archive_flags_are_ignored() -> None:
+    # casync sets EXCLUDE_NODUMP | EXCLUDE_FILE (and SHA512_256 by default) on the blob indexes it makes.
+    data = bytearray(caibx.encode(_index([20000, 100])))
+    struct.pack_into("<Q", data, 16, 0xB000000000000000)
+    idx = caibx.decode(bytes(data), max_chunks=10, max_chunk_size=MAXC)
+    assert idx.feature_flags & caibx.CA_FORMAT_SHA512_256

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from pitstop.ota.errors import KeyringError
+from pitstop.ota.trust import check_parseable
 
 _PEM_SUFFIXES = (".pem", ".crt")
 _MAX_FILE = 1 << 20
@@ -22,8 +24,10 @@ def load_certificates(path: Path, what: str = "certificate file") -> list[x509.C
         raise KeyringError(f"{what} {path} is larger than 1 MiB")
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise KeyringError(f"{what} {path} holds no PEM certificate") from None
+        for cert in certs:
+            check_parseable(cert)
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyringError(f"{what} {path} holds no valid PEM certificate") from None
     return certs
 
 

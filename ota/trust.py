@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -119,9 +119,20 @@ def decode_signature_block(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Sign
     try:
         raw_sig = base64.b64decode(sig, validate=True)
         parsed = tuple(x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in certs)
-    except (binascii.Error, ValueError, TypeError):
+        for cert in parsed:
+            check_parseable(cert)
+    except (binascii.Error, ValueError, TypeError, UnsupportedAlgorithm):
         raise SignatureError("signature block is corrupt (bad base64 or certificate)") from None
     return SignatureBlock(alg, raw_sig, parsed)
+
+
+def check_parseable(cert: x509.Certificate) -> None:
+    """Touch every field the checks use: the library parses lazily and raises ValueError late."""
+    cert.public_key()
+    cert.subject.rfc4514_string()
+    cert.issuer.rfc4514_string()
+    list(cert.extensions)
+    _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm
 
 
 def check_key_algorithm(algorithm: str, cert: x509.Certificate) -> None:
@@ -214,7 +225,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 

@@ -297,3 +297,26 @@ def test_not_a_bundle_and_missing_file(tmp_path: Path, capsys: Any, keys: Keys) 
     refused(verify(capsys, keys, tmp_path / "x"), BUNDLE)
     refused(verify(capsys, keys, tmp_path / "missing"), 4)
     refused(run_cli(capsys, "bundle", "verify", "--keyring", tmp_path / "x", tmp_path / "x"), 21)
+
+
+def test_corrupt_certificates_inside_a_wellformed_block(tmp_path: Path, capsys: Any, keys: Keys,
+                                                        good: tuple[Path, bytes]) -> None:
+    """Valid JSON and base64, damaged DER: the certificate parser's late errors become one line."""
+    import base64
+    import json
+
+    raw = good[0].read_bytes()
+    with open(good[0], "rb") as f:
+        pre = read_preamble(f)
+    h = pre.header
+    block = json.loads(pre.signature_bytes)
+    der = base64.b64decode(block["certificates"][0])
+    rng = random.Random(5)
+    for pos in sorted({rng.randrange(len(der)) for _ in range(60)} | set(range(0, len(der), 17))):
+        bad = bytearray(der)
+        bad[pos] ^= 0xFF
+        block["certificates"][0] = base64.b64encode(bytes(bad)).decode()
+        sig = json.dumps(block, sort_keys=True, separators=(",", ":")).encode()
+        header = fmt.encode_header(fmt.Header(h.manifest_size, len(sig), h.payload_area_size))
+        (tmp_path / "c.pitb").write_bytes(header + pre.manifest_bytes + sig + raw[h.payload_offset:])
+        refused(verify(capsys, keys, tmp_path / "c.pitb"), {SIGNATURE, TRUST, TIME})

@@ -3,6 +3,8 @@
 An external command receives, on stdin, the SHA-256 digest of the manifest (32 bytes) for ECDSA,
 or the manifest itself for Ed25519 (which hashes internally), and writes the raw signature to stdout
 (DER for ECDSA, 64 bytes for Ed25519). PITSTOP_SIGN_ALGORITHM names the algorithm it must use.
+The command runs in a clean environment; variables named PITSTOP_SIGN_* (a PIN file, a token
+label) are passed through to it.
 Every signature is checked against the certificate before it goes into a bundle.
 """
 
@@ -115,7 +117,9 @@ class CommandSigner:
         alg = self.algorithm
         data = hashlib.sha256(message).digest() if alg == ECDSA_P256_SHA256 else message
         try:
-            result = runner.run(self.command, input=data, env={"PITSTOP_SIGN_ALGORITHM": alg}, timeout=120)
+            env = {k: v for k, v in os.environ.items() if k.startswith("PITSTOP_SIGN_")}
+            env["PITSTOP_SIGN_ALGORITHM"] = alg
+            result = runner.run(self.command, input=data, env=env, timeout=120)
         except CommandError as e:
             raise SigningError(f"signing command failed: {e.message}") from None
         if not result.stdout:

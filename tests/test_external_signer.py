@@ -141,6 +141,7 @@ def test_sign_command_sees_clean_environment(tmp_path: Path, keys: Keys, tool: C
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     openssl = tool("openssl")
     monkeypatch.setenv("PITSTOP_TEST_SECRET", "leak")
+    monkeypatch.setenv("PITSTOP_SIGN_PIN_FILE", "/run/hsm/pin")
     env_file = tmp_path / "env.txt"
     script = _script(tmp_path / "sign.sh", f"""\
 env > {shlex.quote(str(env_file))}
@@ -150,6 +151,7 @@ exec {shlex.quote(openssl)} pkeyutl -sign -inkey {shlex.quote(str(keys.key))}
     assert r.rc == 0, r.err
     env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     assert "PITSTOP_TEST_SECRET" not in env
+    assert env["PITSTOP_SIGN_PIN_FILE"] == "/run/hsm/pin"  # PITSTOP_SIGN_* is passed through on purpose
     assert env["PITSTOP_SIGN_ALGORITHM"] == ECDSA_P256_SHA256
     assert env["LC_ALL"] == "C.UTF-8"
 

@@ -16,7 +16,7 @@ from pitstop.errors import UsageError
 from pitstop.ota import bundle_format as fmt
 from pitstop.ota.bundle_reader import PayloadStream, payload_pool, read_layout, skip
 from pitstop.ota.files_archive import extract_tree
-from pitstop.ota.manifest import Manifest, Payload
+from pitstop.ota.manifest import MODEL_DESCRIPTION_FILE, Manifest, Payload
 
 ProgressFn = Callable[[int], None]
 
@@ -49,10 +49,6 @@ class ChunkReader(io.RawIOBase):
             pass
 
 
-def _seek_to(f: BinaryIO, m: Manifest, p: Payload) -> None:
-    skip(f, p.region_start)
-
-
 def _counted(chunks: Iterator[bytes], progress: ProgressFn | None) -> Iterator[bytes]:
     for c in chunks:
         if progress:
@@ -69,7 +65,7 @@ def extract_payload(f: BinaryIO, m: Manifest, name: str, dest: Path, *, progress
         raise UsageError(f"{dest} already exists; extract a {p.type} payload to a new directory")
     if not dest.parent.is_dir():
         raise UsageError(f"directory {dest.parent} does not exist")
-    _seek_to(f, m, p)
+    skip(f, p.region_start)
     layout = read_layout(f, p, limits)
     with payload_pool() as pool:
         chunks = _counted(iter(PayloadStream(f, p, layout, pool)), progress)
@@ -88,7 +84,7 @@ def extract_payload(f: BinaryIO, m: Manifest, name: str, dest: Path, *, progress
                 assert p.model is not None
                 desc = {"name": p.name, "file": file_name, "sha256": p.sha256,
                         "description": p.model.get("description", {})}
-                (tmp / "model.json").write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")
+                (tmp / MODEL_DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")
         else:
             with atomic_file(dest) as out:
                 for c in chunks:

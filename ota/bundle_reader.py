@@ -35,9 +35,11 @@ from pitstop.ota.trust import (
     Clock,
     SignatureBlock,
     SignerInfo,
+    check_times,
     decode_signature_block,
+    signer_info,
+    verify_chain,
     verify_raw_signature,
-    verify_signer,
 )
 
 _SKIP = 8 << 20
@@ -131,11 +133,14 @@ def open_verified(f: BinaryIO, policy: Policy, limits: fmt.Limits = fmt.DEFAULT_
     """Read and verify everything before the payloads; `f` is left at the start of the payload area."""
     raw = read_raw_preamble(f, limits)
     block = raw.signature_block(limits)
-    # The signature is checked before the manifest is parsed: nothing unsigned is interpreted.
+    # Signature and chain are checked before the manifest is parsed: nothing is interpreted unless a
+    # key the keyring vouches for signed it. Times need the manifest's signed creation time, so last.
     verify_raw_signature(block.algorithm, block.certificates[0], block.signature, raw.manifest_bytes)
+    path = verify_chain(block, policy.keyring)
     pre = raw.parse(limits)
     signed_at: datetime = pre.manifest.created
-    signer = verify_signer(block, policy.keyring, signed_at=signed_at, clock=policy.clock)
+    check_times(path, signed_at=signed_at, clock=policy.clock)
+    signer = signer_info(block)
     check_policy(pre.manifest, compatible=policy.compatible, min_security_version=policy.min_security_version)
     return VerifiedPreamble(pre, signer)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pitstop.ota import bundle_format as fmt
 from pitstop.ota.errors import BundleError, SpecError
-from pitstop.ota.manifest import PAYLOAD_TYPES, check_name, check_semver, check_target
+from pitstop.ota.manifest import MODEL_DESCRIPTION_FILE, PAYLOAD_TYPES, check_name, check_semver, check_target
 
 _TOP_KEYS = {"version", "security_version", "compatible", "description", "chunking", "compression", "payload"}
 _PAYLOAD_KEYS = {"name", "type", "source", "target", "description", "description_file"}
@@ -74,8 +74,11 @@ def check_payload(where: str, name: str, ptype: str, source: Path, target: str |
             raise SpecError(f"{where}: source {source} is not a directory (files payloads take a directory)")
     elif not source.is_file() and not source.is_block_device():
         raise SpecError(f"{where}: source {source} is not a file")
-    if ptype == "model" and description is None:
-        description = {}
+    if ptype == "model":
+        if source.name == MODEL_DESCRIPTION_FILE:
+            raise SpecError(f"{where}: a model file may not be named {MODEL_DESCRIPTION_FILE} (extract writes it)")
+        if description is None:
+            description = {}
     return PayloadSpec(name, ptype, source, target, description)
 
 
@@ -207,6 +210,8 @@ def spec_from_flags(version: str, security_version: int, compatible: str, payloa
                     description: str = "", chunking: tuple[int, int, int] | None = None,
                     zstd_level: int = 3) -> BundleSpec:
     check_common("flags", version, security_version, compatible)
+    if not 1 <= zstd_level <= 19:
+        raise SpecError(f"--zstd-level {zstd_level}: must be 1..19")
     if not payloads:
         raise SpecError("give at least one --payload (or a spec file)")
     _check_unique("flags", payloads)

@@ -95,10 +95,15 @@ def _open_source(spec: PayloadSpec, bundle: BundleSpec, tmp: Path) -> BinaryIO:
 
 
 def source_size(spec: PayloadSpec) -> int:
+    """Bytes that will be chunked: the file, or for a tree the size of its tar stream (headers and
+    512-byte padding per entry, the end-of-archive record; PAX headers for long names aside)."""
     if spec.type == "files":
-        return sum(
-            os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(spec.source) for f in files
-        )
+        total = 0
+        for d, dirs, names in os.walk(spec.source):
+            total += 512 * len(dirs)
+            for name in names:
+                total += 512 + -(-os.lstat(os.path.join(d, name)).st_size // 512) * 512
+        return -(-(total + 1024) // 10240) * 10240
     with open(spec.source, "rb") as f:
         return f.seek(0, os.SEEK_END)
 
@@ -173,7 +178,7 @@ def create_bundle(bundle: BundleSpec, output: Path, signer: Signer | None = None
                 spooled.append(_spool_payload(spec, bundle, src, tmp, pool, progress))
         manifest = _build_manifest(bundle, spooled)
         manifest_bytes = manifest.encode()
-        sig = sign_manifest(signer, manifest_bytes).encode() if signer else b""
+        sig = sign_manifest(signer, manifest_bytes, manifest.created).encode() if signer else b""
 
         def payloads(out: BinaryIO) -> None:
             for s in spooled:
@@ -190,7 +195,7 @@ def sign_bundle(source: Path, output: Path, signer: Signer) -> Manifest:
     """Write `source` with a new signature to `output` (which may be `source` itself)."""
     with open(source, "rb") as f:
         pre = read_preamble(f)
-        sig = sign_manifest(signer, pre.manifest_bytes).encode()
+        sig = sign_manifest(signer, pre.manifest_bytes, pre.manifest.created).encode()
 
         def payloads(out: BinaryIO) -> None:
             copy_bytes(f, out, pre.header.payload_area_size)

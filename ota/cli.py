@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -48,7 +49,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-security-version", type=int, help="refuse bundles below this security_version")
     p.add_argument("--clock", choices=[c.value for c in ClockPolicy], default=ClockPolicy.FLOOR.value,
                    help="certificate time policy (docs/bundle-format.md); default: floor")
-    p.add_argument("--time-floor", help="earliest time this device can be at (YYYY-MM-DD or RFC 3339); "
+    p.add_argument("--time-floor", help="earliest time this device can be at (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ); "
                    f"default {RELEASE_TIME_FLOOR:%Y-%m-%d}, this release's date")
 
 
@@ -121,7 +122,7 @@ def _register_bundle(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--payload", action="append", default=[], metavar="TYPE:NAME:SOURCE[:TARGET]",
                    help="rootfs, model or files payload (repeatable)")
     p.add_argument("--chunk-size", metavar="MIN:AVG:MAX", help="content-defined chunk sizes in bytes")
-    p.add_argument("--zstd-level", type=int, default=3)
+    p.add_argument("--zstd-level", type=int, help="1..19 (default 3)")
     _add_signer_args(p)
     p.set_defaults(handler=cmd_create)
 
@@ -171,8 +172,11 @@ def _chunking(value: str | None) -> tuple[int, int, int] | None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     if args.spec:
-        if args.payload or args.bundle_version or args.security_version is not None or args.compatible:
-            raise UsageError("give a spec file or --version/--security-version/--compatible/--payload, not both")
+        flags = (args.payload, args.bundle_version, args.security_version, args.compatible, args.description,
+                 args.chunk_size, args.zstd_level)
+        if any(v not in (None, [], "") for v in flags):
+            raise UsageError("give a spec file or the bundle flags (--version, --payload, --chunk-size, ...), "
+                             "not both")
         spec = bundle_spec.load_spec(args.spec)
     else:
         missing = [f for f, v in (("--version", args.bundle_version), ("--security-version", args.security_version),
@@ -181,7 +185,8 @@ def cmd_create(args: argparse.Namespace) -> int:
             raise UsageError(f"without a spec file, {', '.join(missing)} is required")
         payloads = [bundle_spec.parse_payload_flag(v) for v in args.payload]
         spec = bundle_spec.spec_from_flags(args.bundle_version, args.security_version, args.compatible, payloads,
-                                           args.description, _chunking(args.chunk_size), args.zstd_level)
+                                           args.description, _chunking(args.chunk_size),
+                                           3 if args.zstd_level is None else args.zstd_level)
     signer = _signer(args)
     if not args.output.parent.is_dir():
         raise InputError(f"output directory {args.output.parent} does not exist")
@@ -241,19 +246,21 @@ def _human(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     with _open(args.bundle) as f:
         pre = read_preamble(f)
-        f.seek(pre.header.payload_offset + pre.header.payload_area_size)
-        complete = not f.read(1) and f.tell() == pre.header.total_size
+        actual = os.fstat(f.fileno()).st_size
+    complete = actual == pre.header.total_size
+    state = "" if complete else (", TRUNCATED" if actual < pre.header.total_size else ", TRAILING BYTES")
     m = pre.manifest
     try:
         signer: dict[str, Any] | None = signer_info(pre.signature_block()).to_json()
     except SignatureError:
         signer = None
     if args.json:
-        print(json.dumps({"manifest": m.to_json(), "signer": signer, "size": pre.header.total_size,
-                          "complete": complete, "verified": False}, indent=2))
+        print(json.dumps({"manifest": m.to_json(), "signer": signer, "size": actual,
+                          "expected_size": pre.header.total_size, "complete": complete, "verified": False},
+                         indent=2))
         return 0
     out = sys.stdout
-    out.write(f"bundle      {args.bundle} ({_human(pre.header.total_size)}{'' if complete else ', TRUNCATED'})\n")
+    out.write(f"bundle      {args.bundle} ({_human(actual)}{state})\n")
     out.write(f"version     {m.version}\nsecurity    {m.security_version}\ncompatible  {m.compatible}\n")
     out.write(f"created     {m.created:%Y-%m-%dT%H:%M:%SZ}\n")
     if m.description:

@@ -55,7 +55,7 @@ def write_tree(src: Path, out: BinaryIO, mtime_clamp: datetime) -> int:
     clamp = int(mtime_clamp.timestamp())
     count = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for dirpath, dirnames, filenames in os.walk(src):
+        for dirpath, dirnames, filenames in os.walk(src, onerror=_walk_error):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, src)
             for name in sorted(dirnames + filenames):
@@ -64,6 +64,11 @@ def write_tree(src: Path, out: BinaryIO, mtime_clamp: datetime) -> int:
                 _add(tar, full, rel, clamp)
                 count += 1
     return count
+
+
+def _walk_error(e: OSError) -> None:
+    # os.walk would skip an unreadable directory silently; a payload must not lose part of its tree.
+    raise SpecError(f"cannot read {e.filename}: {e.strerror}")
 
 
 def _add(tar: tarfile.TarFile, full: str, rel: str, clamp: int) -> None:

@@ -20,6 +20,7 @@ MANIFEST_FORMAT = 1
 PAYLOAD_TYPES = ("rootfs", "model", "files")
 CHUNK_DIGESTS = ("sha256", "sha512-256")
 TABLE_ENTRY_SIZE = 4
+MODEL_DESCRIPTION_FILE = "model.json"  # written beside an extracted model: not a name for the model itself
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SLOT_CLASS_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -265,6 +266,8 @@ def _parse_payload(d: Any, i: int, area: int, limits: Limits) -> Payload:
         check_relative_path(fname, f"{where} model file")
         if "/" in fname:
             raise UnsafePathError(f"{where}: model file {fname!r} must be a plain file name")
+        if fname == MODEL_DESCRIPTION_FILE:
+            raise BundleError(f"{where}: a model file may not be named {MODEL_DESCRIPTION_FILE}")
         desc = m.get("description", {})
         if not isinstance(desc, dict):
             raise BundleError(f"{where}: model description must be an object")
@@ -274,12 +277,21 @@ def _parse_payload(d: Any, i: int, area: int, limits: Limits) -> Payload:
                    index, table, data, model, extra)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Readers in other languages may keep the first of two equal keys, we the last: refuse both.
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        dup = sorted({k for k, _ in pairs if sum(1 for k2, _ in pairs if k2 == k) > 1})
+        raise BundleError(f"manifest repeats the key(s) {', '.join(dup)}")
+    return d
+
+
 def parse(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
     """Parse manifest bytes; raise BundleError (or a subclass) if anything is out of place."""
     if len(data) > limits.max_manifest:
         raise BundleLimitError(f"manifest exceeds the cap of {limits.max_manifest} bytes")
     try:
-        d = json.loads(data.decode("utf-8"))
+        d = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BundleError(f"manifest is not valid JSON: {e}") from None
     if not isinstance(d, dict):

@@ -14,6 +14,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -127,9 +128,22 @@ class CommandSigner:
         return result.stdout
 
 
-def sign_manifest(signer: Signer, manifest_bytes: bytes) -> SignatureBlock:
-    """Sign and self-check: a bundle never carries a signature its own certificate does not verify."""
+def sign_manifest(signer: Signer, manifest_bytes: bytes, signed_at: datetime | None = None) -> SignatureBlock:
+    """Sign and self-check: a bundle never carries a signature its own certificate does not verify.
+
+    With `signed_at` (the manifest's `created`), refuse certificates not valid at that time: devices
+    under the default clock policy would refuse the bundle (an old SOURCE_DATE_EPOCH, say).
+    """
     certs = signer.certificates
+    if signed_at is not None:
+        for cert in certs:
+            nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+            if not nb <= signed_at <= na:
+                raise SigningError(
+                    f"certificate {cert.subject.rfc4514_string()!r} is valid {nb:%Y-%m-%d %H:%M} to "
+                    f"{na:%Y-%m-%d %H:%M} UTC, not at the bundle's creation time {signed_at:%Y-%m-%d %H:%M} UTC "
+                    "(check SOURCE_DATE_EPOCH); devices would refuse it"
+                )
     signature = signer.sign(manifest_bytes)
     try:
         verify_raw_signature(signer.algorithm, certs[0], signature, manifest_bytes)

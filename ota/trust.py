@@ -253,6 +253,23 @@ def build_path(chain: Sequence[x509.Certificate], keyring: Sequence[x509.Certifi
     )
 
 
+def verify_chain(block: SignatureBlock, keyring: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """Build the path to the keyring and check every certificate's role (CA, key usages).
+
+    Needs nothing from the manifest, so it runs before the manifest is parsed.
+    """
+    path = build_path(block.certificates, keyring)
+    for i, cert in enumerate(path):
+        _check_extensions(cert, as_ca=i > 0, ca_below=max(i - 1, 0))
+    return path
+
+
+def check_times(path: Sequence[x509.Certificate], *, signed_at: datetime, clock: Clock) -> None:
+    """Validity times of every certificate in the path under the clock policy."""
+    for cert in path:
+        _check_time(cert, signed_at, clock)
+
+
 def verify_signer(
     block: SignatureBlock,
     keyring: Sequence[x509.Certificate],
@@ -260,12 +277,6 @@ def verify_signer(
     signed_at: datetime,
     clock: Clock,
 ) -> SignerInfo:
-    """Check the chain to the keyring, key usages and validity times. Return who signed.
-
-    Call after `verify_raw_signature` has accepted the manifest bytes: `signed_at` comes from them.
-    """
-    path = build_path(block.certificates, keyring)
-    for i, cert in enumerate(path):
-        _check_extensions(cert, as_ca=i > 0, ca_below=max(i - 1, 0))
-        _check_time(cert, signed_at, clock)
+    """Chain, roles and times in one call, for callers that already trust `signed_at`."""
+    check_times(verify_chain(block, keyring), signed_at=signed_at, clock=clock)
     return signer_info(block)

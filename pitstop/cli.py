@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pitstop import __version__
-from pitstop.errors import PitstopError
+from pitstop.errors import InputError, PitstopError
 from pitstop.ota import cli as ota_cli
 
 Handler = Callable[[argparse.Namespace], int]
@@ -54,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PitstopError as e:
         sys.stderr.write(f"pitstop: error: {e.message}\n")
         return e.exit_code
+    except OSError as e:
+        # Disk full, permission denied, a read-only target: expected failures of the environment.
+        where = f": {e.filename}" if e.filename else ""
+        sys.stderr.write(f"pitstop: error: {e.strerror or e}{where}\n")
+        return InputError.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("pitstop: interrupted\n")
         return 130

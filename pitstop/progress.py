@@ -50,7 +50,8 @@ class Progress:
     def _draw(self, now: float) -> None:
         frac = self.done / self.total if self.total else 1.0
         width = 30
-        filled = int(width * min(frac, 1.0))
+        frac = min(frac, 1.0)  # an estimated total may be passed
+        filled = int(width * frac)
         rate = self.done / max(now - self._start, 1e-6)
         self._stream.write(
             f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "

@@ -178,7 +178,15 @@ def test_certificate_times(tmp_path: Path, capsys: Any, which: str) -> None:
     else:
         kw = {"signing_not_before": now + timedelta(days=400), "signing_not_after": now + timedelta(days=800)}
     k = make_keys(tmp_path / "k", **kw)
-    b = make_bundle(tmp_path / "t.pitb", [rootfs_payload(tmp_path / "r", b"x" * 1000)], k)
+    # pitstop's own create refuses to sign outside the certificate's validity ...
+    r = run_cli(capsys, "bundle", "create", "--version", "1.0.0", "--security-version", "1", "--compatible", "x",
+                "--payload", f"rootfs:rootfs:{rootfs_payload(tmp_path / 'r', b'x' * 1000).source}", "-o",
+                tmp_path / "t.pitb", "--key", k.key, "--cert", k.chain)
+    refused(r, 20)
+    assert not (tmp_path / "t.pitb").exists()
+    # ... so a producer that does not check makes the bundle here.
+    unsigned = make_bundle(tmp_path / "u.pitb", [rootfs_payload(tmp_path / "r", b"x" * 1000)], None)
+    b = resign(unsigned, tmp_path / "t.pitb", k)
     for clock in ("floor", "system"):
         refused(verify(capsys, k, b, "--clock", clock), TIME)
     extract_leaves_nothing(capsys, k, b, tmp_path, TIME)
@@ -320,3 +328,53 @@ def test_corrupt_certificates_inside_a_wellformed_block(tmp_path: Path, capsys: 
         header = fmt.encode_header(fmt.Header(h.manifest_size, len(sig), h.payload_area_size))
         (tmp_path / "c.pitb").write_bytes(header + pre.manifest_bytes + sig + raw[h.payload_offset:])
         refused(verify(capsys, keys, tmp_path / "c.pitb"), {SIGNATURE, TRUST, TIME})
+
+
+def test_untrusted_signer_gets_nothing_parsed(tmp_path: Path, capsys: Any, keys: Keys, other_keys: Keys,
+                                              good: tuple[Path, bytes]) -> None:
+    """A stranger's correctly signed garbage manifest is refused for trust, before any parsing."""
+    from pitstop.ota.signing import sign_manifest
+
+    garbage = b'{"format": 1, "payloads": [[[[' + b"x" * 100
+    sig = sign_manifest(other_keys.signer(), garbage).encode()
+    (tmp_path / "g.pitb").write_bytes(fmt.encode_header(fmt.Header(len(garbage), len(sig), 0)) + garbage + sig)
+    refused(verify(capsys, keys, tmp_path / "g.pitb"), TRUST)
+    # The same bytes from a trusted signer reach the parser, which refuses them as malformed.
+    sig = sign_manifest(keys.signer(), garbage).encode()
+    (tmp_path / "g.pitb").write_bytes(fmt.encode_header(fmt.Header(len(garbage), len(sig), 0)) + garbage + sig)
+    refused(verify(capsys, keys, tmp_path / "g.pitb"), BUNDLE)
+
+
+def test_repeated_manifest_keys(tmp_path: Path, capsys: Any, keys: Keys, good: tuple[Path, bytes]) -> None:
+    from pitstop.ota.signing import sign_manifest
+
+    raw = good[0].read_bytes()
+    with open(good[0], "rb") as f:
+        pre = read_preamble(f)
+    h = pre.header
+    mbytes = pre.manifest_bytes.replace(b'{"compatible":', b'{"compatible":"evil","compatible":', 1)
+    sig = sign_manifest(keys.signer(), mbytes).encode()
+    (tmp_path / "d.pitb").write_bytes(fmt.encode_header(fmt.Header(len(mbytes), len(sig), h.payload_area_size))
+                                      + mbytes + sig + raw[h.payload_offset:])
+    r = verify(capsys, keys, tmp_path / "d.pitb")
+    refused(r, BUNDLE)
+    assert "repeats the key" in r.err
+
+
+def test_info_reports_truncated_and_trailing(tmp_path: Path, capsys: Any, good: tuple[Path, bytes]) -> None:
+    import json
+
+    raw = good[0].read_bytes()
+    for name, data, label in (("t", raw[:-100], "TRUNCATED"), ("l", raw + b"xx", "TRAILING BYTES")):
+        (tmp_path / name).write_bytes(data)
+        assert label in run_cli(capsys, "bundle", "info", tmp_path / name).out
+        info = json.loads(run_cli(capsys, "bundle", "info", "--json", tmp_path / name).out)
+        assert info["complete"] is False and info["size"] == len(data)
+    info = json.loads(run_cli(capsys, "bundle", "info", "--json", good[0]).out)
+    assert info["complete"] is True and info["verified"] is False
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path, capsys: Any, keys: Keys, good: tuple[Path, bytes]) -> None:
+    r = run_cli(capsys, "-q", "bundle", "extract", "--keyring", keys.keyring, good[0], "rootfs", "-o",
+                "/proc/pitstop-test.img")
+    refused(r, 4)

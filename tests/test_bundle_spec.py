@@ -200,3 +200,22 @@ def test_progress_logs_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
     msgs = [r.getMessage() for r in caplog.records]
     assert any("50%" in m for m in msgs) and "done" in msgs[-1]
     assert len(msgs) <= 11
+
+
+def test_flag_ranges_and_mixing(spec_dir: Path, capsys: Any) -> None:
+    common = ["--version", "1.0.0", "--security-version", "1", "--compatible", "x", "--payload",
+              f"rootfs:r:{spec_dir / 'rootfs.img'}", "-o", spec_dir / "x.pitb"]
+    for level in ("100", "0", "-3"):
+        r = run_cli(capsys, "bundle", "create", *common, "--zstd-level", level)
+        assert r.rc == 19 and "--zstd-level" in r.err, r.err
+    for extra in (["--zstd-level", "5"], ["--chunk-size", "1:2:3"], ["--description", "x"]):
+        r = run_cli(capsys, "bundle", "create", spec_dir / "spec.toml", *extra, "-o", spec_dir / "x.pitb")
+        assert r.rc == 2 and "not both" in r.err, r.err
+    assert not (spec_dir / "x.pitb").exists()
+
+
+def test_model_file_may_not_be_named_like_its_description(spec_dir: Path, capsys: Any) -> None:
+    (spec_dir / "model.json").write_bytes(b"{}")
+    r = run_cli(capsys, "bundle", "create", "--version", "1.0.0", "--security-version", "1", "--compatible", "x",
+                "--payload", f"model:m:{spec_dir / 'model.json'}", "-o", spec_dir / "x.pitb")
+    assert r.rc == 19 and "model.json" in r.err, r.err

@@ -24,7 +24,7 @@ from pitstop.ota.keyring import load_keyring
 from pitstop.ota.manifest import Manifest
 from pitstop.ota.signing import CommandSigner, KeyFileSigner, Signer
 from pitstop.ota.trust import RELEASE_TIME_FLOOR, Clock, ClockPolicy, signer_info
-from pitstop.progress import Progress
+from pitstop.progress import Progress, human_size
 
 
 def register(sub: Any) -> None:
@@ -234,15 +234,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human(n: int) -> str:
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if v < 1024 or unit == "TiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return str(n)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     with _open(args.bundle) as f:
         pre = read_preamble(f)
@@ -260,7 +251,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     out = sys.stdout
-    out.write(f"bundle      {args.bundle} ({_human(actual)}{state})\n")
+    out.write(f"bundle      {args.bundle} ({human_size(actual)}{state})\n")
     out.write(f"version     {m.version}\nsecurity    {m.security_version}\ncompatible  {m.compatible}\n")
     out.write(f"created     {m.created:%Y-%m-%dT%H:%M:%SZ}\n")
     if m.description:
@@ -273,8 +264,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     out.write(f"payloads    {len(m.payloads)}\n")
     for p in m.payloads:
         ratio = p.data.size / p.size if p.size else 1.0
-        out.write(f"  {p.name:<16} {p.type:<7} -> {p.target:<20} {_human(p.size):>10}  "
-                  f"{p.chunks} chunks, {_human(p.data.size)} compressed ({ratio:.0%})\n")
+        out.write(f"  {p.name:<16} {p.type:<7} -> {p.target:<20} {human_size(p.size):>10}  "
+                  f"{p.chunks} chunks, {human_size(p.data.size)} compressed ({ratio:.0%})\n")
     return 0
 
 
@@ -286,7 +277,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         bar = _progress(args, "extract", p.size)
         extract_payload(f, vp.manifest, args.payload, args.output, progress=bar.update)
         bar.finish()
-    print(f"extracted payload {p.name!r} ({p.type}, {_human(p.size)}) to {args.output}")
+    print(f"extracted payload {p.name!r} ({p.type}, {human_size(p.size)}) to {args.output}")
     return 0
 
 

@@ -10,12 +10,13 @@ from typing import TextIO
 log = logging.getLogger("pitstop.progress")
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def human_size(n: float, digits: int = 1) -> str:
+    """Bytes in binary units: '512 B', '1.5 MiB', '1.0 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"
+    raise AssertionError("unreachable")
 
 
 class Progress:
@@ -45,7 +46,7 @@ class Progress:
             decile = min(10, self.done * 10 // self.total)
             if decile != self._last_decile and decile < 10:
                 self._last_decile = decile
-                log.info("%s: %d%% (%s of %s)", self.label, decile * 10, _human(self.done), _human(self.total))
+                log.info("%s: %d%% (%s of %s)", self.label, decile * 10, human_size(self.done), human_size(self.total))
 
     def _draw(self, now: float) -> None:
         frac = self.done / self.total if self.total else 1.0
@@ -55,7 +56,7 @@ class Progress:
         rate = self.done / max(now - self._start, 1e-6)
         self._stream.write(
             f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
-            f"{_human(self.done)}/{_human(self.total)} {_human(rate)}/s "
+            f"{human_size(self.done)}/{human_size(self.total)} {human_size(rate)}/s "
         )
         self._stream.flush()
 
@@ -68,4 +69,4 @@ class Progress:
             self._stream.write("\n")
             self._stream.flush()
         else:
-            log.info("%s: done, %s in %.1f s", self.label, _human(self.done), elapsed)
+            log.info("%s: done, %s in %.1f s", self.label, human_size(self.done), elapsed)

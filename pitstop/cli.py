@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PitstopError as e:
         sys.stderr.write(f"pitstop: error: {e.message}\n")
         return e.exit_code
+    except BrokenPipeError:
+        return 141  # stdout closed early (`pitstop bundle info | head`): not an error worth a message
     except OSError as e:
         # Disk full, permission denied, a read-only target: expected failures of the environment.
         where = f": {e.filename}" if e.filename else ""
@@ -62,8 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("pitstop: interrupted\n")
         return 130
-    except BrokenPipeError:
-        return 141
 
 
 if __name__ == "__main__":

@@ -73,20 +73,14 @@ class RawPreamble:
         m = manifest.parse(self.manifest_bytes, limits)
         if m.payload_area_size != self.header.payload_area_size:
             raise BundleError("bundle header and manifest disagree on the payload area size")
-        return Preamble(self.header, self.manifest_bytes, m, self.signature_bytes)
+        return Preamble(self.header, self.manifest_bytes, self.signature_bytes, m)
 
 
 @dataclass(frozen=True)
-class Preamble:
+class Preamble(RawPreamble):
     """Everything before the payload area, parsed but not yet trusted."""
 
-    header: fmt.Header
-    manifest_bytes: bytes
     manifest: Manifest
-    signature_bytes: bytes
-
-    def signature_block(self, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> SignatureBlock:
-        return decode_signature_block(self.signature_bytes, limits)
 
 
 def read_raw_preamble(f: BinaryIO, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> RawPreamble:

@@ -26,7 +26,7 @@ from pitstop import runner
 from pitstop.errors import CommandError
 from pitstop.ota.errors import KeyringError, SignatureError, SigningError
 from pitstop.ota.keyring import load_certificates
-from pitstop.ota.trust import ECDSA_P256_SHA256, ED25519, SignatureBlock, verify_raw_signature
+from pitstop.ota.trust import ECDSA_P256_SHA256, ED25519, SignatureBlock, valid_at, verify_raw_signature
 
 
 class Signer(Protocol):
@@ -137,8 +137,8 @@ def sign_manifest(signer: Signer, manifest_bytes: bytes, signed_at: datetime | N
     certs = signer.certificates
     if signed_at is not None:
         for cert in certs:
-            nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
-            if not nb <= signed_at <= na:
+            if not valid_at(cert, signed_at):
+                nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
                 raise SigningError(
                     f"certificate {cert.subject.rfc4514_string()!r} is valid {nb:%Y-%m-%d %H:%M} to "
                     f"{na:%Y-%m-%d %H:%M} UTC, not at the bundle's creation time {signed_at:%Y-%m-%d %H:%M} UTC "

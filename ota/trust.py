@@ -193,6 +193,12 @@ def _check_extensions(cert: x509.Certificate, *, as_ca: bool, ca_below: int) -> 
             raise TrustError(f"signing certificate {subject!r} lacks the codeSigning extended key usage")
 
 
+def valid_at(cert: x509.Certificate, t: datetime) -> bool:
+    """Whether `t` lies in the certificate's validity window: the rule the floor policy applies to
+    the signing time, and so the one a producer must meet for its bundles to be accepted."""
+    return cert.not_valid_before_utc <= t <= cert.not_valid_after_utc
+
+
 def _check_time(cert: x509.Certificate, signed_at: datetime, clock: Clock) -> None:
     if clock.policy is ClockPolicy.NONE:
         return
@@ -207,7 +213,7 @@ def _check_time(cert: x509.Certificate, signed_at: datetime, clock: Clock) -> No
         return
     # FLOOR: the signature must have been made inside the validity window, and the device's best
     # knowledge of the present (its clock, but never earlier than the floor) must not be past expiry.
-    if not nb <= signed_at <= na:
+    if not valid_at(cert, signed_at):
         raise CertificateTimeError(
             f"certificate {subject!r} was not valid when the bundle was signed ({signed_at:%Y-%m-%d %H:%M} UTC; "
             f"valid {nb:%Y-%m-%d} to {na:%Y-%m-%d})"

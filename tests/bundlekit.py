@@ -118,6 +118,15 @@ class CliResult:
     err: str
 
 
+def assert_refused(r: CliResult, code: int | set[int]) -> None:
+    """An expected failure as users see it: the exit code, one `pitstop: error:` line, no traceback."""
+    codes = code if isinstance(code, set) else {code}
+    assert r.rc in codes, (r.rc, r.err)
+    assert "Traceback" not in r.err
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pitstop: error: "), r.err
+
+
 def run_cli(capsys: Any, *args: str | os.PathLike[str]) -> CliResult:
     """Run `pitstop ARGS` in-process; a traceback escaping main() fails the test by itself."""
     try:

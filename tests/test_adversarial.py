@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundlekit import Keys, make_bundle, make_keys, mixed_data, resign, rootfs_payload, run_cli
+from bundlekit import Keys, assert_refused, make_bundle, make_keys, mixed_data, resign, rootfs_payload, run_cli
 
 from pitstop.ota import bundle_format as fmt
 from pitstop.ota.bundle_reader import read_preamble
@@ -36,14 +36,6 @@ def good(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> tuple[Path, by
     return make_bundle(d / "good.pitb", payloads, keys, chunking=(16384, 32768, 65536)), data
 
 
-def refused(r: Any, code: int | set[int]) -> None:
-    codes = code if isinstance(code, set) else {code}
-    assert r.rc in codes, (r.rc, r.err)
-    lines = r.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pitstop: error: "), r.err
-    assert "Traceback" not in r.err
-
-
 def verify(capsys: Any, keys: Keys, bundle: Path, *extra: str) -> Any:
     return run_cli(capsys, "-q", "bundle", "verify", "--keyring", keys.keyring, *extra, bundle)
 
@@ -57,7 +49,7 @@ def extract_leaves_nothing(capsys: Any, keys: Keys, bundle: Path, tmp: Path, cod
         if r.rc == 0:
             before = sorted(out.iterdir())  # the damage may sit in another payload
             continue
-        refused(r, code)
+        assert_refused(r, code)
         assert sorted(out.iterdir()) == before, f"extract of {name} left files behind"
 
 
@@ -96,7 +88,7 @@ def test_bit_flips_everywhere(tmp_path: Path, capsys: Any, keys: Keys, good: tup
         bad.write_bytes(flipped)
         r = verify(capsys, keys, bad)
         assert r.rc != 0, f"bit flip at offset {pos} was accepted"
-        refused(r, REFUSALS)
+        assert_refused(r, REFUSALS)
 
 
 def test_bit_flips_never_leave_output(tmp_path: Path, capsys: Any, keys: Keys, good: tuple[Path, bytes]) -> None:
@@ -120,7 +112,7 @@ def test_truncation_anywhere(tmp_path: Path, capsys: Any, keys: Keys, good: tupl
     for cut in sorted(c for c in cuts if c < len(raw)):
         bad.write_bytes(raw[:cut])
         r = verify(capsys, keys, bad)
-        refused(r, {BUNDLE, SIGNATURE})
+        assert_refused(r, {BUNDLE, SIGNATURE})
     bad.write_bytes(raw[: len(raw) // 2])
     extract_leaves_nothing(capsys, keys, bad, tmp_path, {BUNDLE, SIGNATURE})
 
@@ -128,13 +120,13 @@ def test_truncation_anywhere(tmp_path: Path, capsys: Any, keys: Keys, good: tupl
 def test_trailing_bytes(tmp_path: Path, capsys: Any, keys: Keys, good: tuple[Path, bytes]) -> None:
     bad = tmp_path / "long.pitb"
     bad.write_bytes(good[0].read_bytes() + b"\0")
-    refused(verify(capsys, keys, bad), BUNDLE)
+    assert_refused(verify(capsys, keys, bad), BUNDLE)
 
 
 def test_unsigned(tmp_path: Path, capsys: Any, keys: Keys) -> None:
     b = make_bundle(tmp_path / "u.pitb", [rootfs_payload(tmp_path / "r", b"x" * 1000)], None)
     r = verify(capsys, keys, b)
-    refused(r, SIGNATURE)
+    assert_refused(r, SIGNATURE)
     assert "not signed" in r.err
     extract_leaves_nothing(capsys, keys, b, tmp_path, SIGNATURE)
     # info still shows an unsigned bundle
@@ -145,7 +137,7 @@ def test_signed_outside_keyring(tmp_path: Path, capsys: Any, keys: Keys, other_k
     b = make_bundle(tmp_path / "o.pitb", [rootfs_payload(tmp_path / "r", b"x" * 1000)], other_keys)
     assert verify(capsys, other_keys, b).rc == 0
     r = verify(capsys, keys, b)
-    refused(r, TRUST)
+    assert_refused(r, TRUST)
     assert "keyring" in r.err
     extract_leaves_nothing(capsys, keys, b, tmp_path, TRUST)
 
@@ -165,7 +157,7 @@ def test_signature_from_another_key_with_our_chain(tmp_path: Path, capsys: Any, 
     h = pre.header
     header = fmt.encode_header(fmt.Header(h.manifest_size, len(fake), h.payload_area_size))
     (tmp_path / "x.pitb").write_bytes(header + pre.manifest_bytes + fake + raw[h.payload_offset:])
-    refused(verify(capsys, keys, tmp_path / "x.pitb"), SIGNATURE)
+    assert_refused(verify(capsys, keys, tmp_path / "x.pitb"), SIGNATURE)
 
 
 @pytest.mark.parametrize("which", ["expired", "not-yet-valid"])
@@ -182,27 +174,27 @@ def test_certificate_times(tmp_path: Path, capsys: Any, which: str) -> None:
     r = run_cli(capsys, "bundle", "create", "--version", "1.0.0", "--security-version", "1", "--compatible", "x",
                 "--payload", f"rootfs:rootfs:{rootfs_payload(tmp_path / 'r', b'x' * 1000).source}", "-o",
                 tmp_path / "t.pitb", "--key", k.key, "--cert", k.chain)
-    refused(r, 20)
+    assert_refused(r, 20)
     assert not (tmp_path / "t.pitb").exists()
     # ... so a producer that does not check makes the bundle here.
     unsigned = make_bundle(tmp_path / "u.pitb", [rootfs_payload(tmp_path / "r", b"x" * 1000)], None)
     b = resign(unsigned, tmp_path / "t.pitb", k)
     for clock in ("floor", "system"):
-        refused(verify(capsys, k, b, "--clock", clock), TIME)
+        assert_refused(verify(capsys, k, b, "--clock", clock), TIME)
     extract_leaves_nothing(capsys, k, b, tmp_path, TIME)
     assert verify(capsys, k, b, "--clock", "none").rc == 0
 
 
 def test_wrong_compatible(capsys: Any, keys: Keys, good: tuple[Path, bytes], tmp_path: Path) -> None:
     r = verify(capsys, keys, good[0], "--compatible", "other-device")
-    refused(r, COMPAT)
+    assert_refused(r, COMPAT)
     assert "other-device" in r.err and "pitstop-test" in r.err
     assert verify(capsys, keys, good[0], "--compatible", "pitstop-test").rc == 0
 
 
 def test_security_version(capsys: Any, keys: Keys, good: tuple[Path, bytes]) -> None:
     r = verify(capsys, keys, good[0], "--min-security-version", "2")
-    refused(r, DOWNGRADE)
+    assert_refused(r, DOWNGRADE)
     assert "downgrade" in r.err
     assert verify(capsys, keys, good[0], "--min-security-version", "1").rc == 0
 
@@ -244,7 +236,7 @@ CASES: list[tuple[str, Any, int]] = [
 def test_signed_but_inconsistent(tmp_path: Path, capsys: Any, keys: Keys, good: tuple[Path, bytes], name: str,
                                  mutate: Any, code: int) -> None:
     bad = resign(good[0], tmp_path / "bad.pitb", keys, mutate)
-    refused(verify(capsys, keys, bad), code)
+    assert_refused(verify(capsys, keys, bad), code)
     extract_leaves_nothing(capsys, keys, bad, tmp_path, code)
 
 
@@ -283,7 +275,7 @@ def test_chunk_table_pointing_outside(tmp_path: Path, capsys: Any, keys: Keys, g
 
     bad = resign(bundle, tmp_path / "t.pitb", keys, fix, payload_area=bytes(area))
     r = verify(capsys, keys, bad)
-    refused(r, PAYLOAD)
+    assert_refused(r, PAYLOAD)
     assert "outside" in r.err
 
 
@@ -297,14 +289,14 @@ def test_huge_header_lengths(tmp_path: Path, capsys: Any, keys: Keys, good: tupl
         (fmt.Header(0, h.signature_size, h.payload_area_size), BUNDLE),
     ):
         (tmp_path / "h.pitb").write_bytes(fmt.encode_header(hdr) + raw[64:])
-        refused(verify(capsys, keys, tmp_path / "h.pitb"), code)
+        assert_refused(verify(capsys, keys, tmp_path / "h.pitb"), code)
 
 
 def test_not_a_bundle_and_missing_file(tmp_path: Path, capsys: Any, keys: Keys) -> None:
     (tmp_path / "x").write_bytes(b"hello world" * 100)
-    refused(verify(capsys, keys, tmp_path / "x"), BUNDLE)
-    refused(verify(capsys, keys, tmp_path / "missing"), 4)
-    refused(run_cli(capsys, "bundle", "verify", "--keyring", tmp_path / "x", tmp_path / "x"), 21)
+    assert_refused(verify(capsys, keys, tmp_path / "x"), BUNDLE)
+    assert_refused(verify(capsys, keys, tmp_path / "missing"), 4)
+    assert_refused(run_cli(capsys, "bundle", "verify", "--keyring", tmp_path / "x", tmp_path / "x"), 21)
 
 
 def test_corrupt_certificates_inside_a_wellformed_block(tmp_path: Path, capsys: Any, keys: Keys,
@@ -327,7 +319,7 @@ def test_corrupt_certificates_inside_a_wellformed_block(tmp_path: Path, capsys: 
         sig = json.dumps(block, sort_keys=True, separators=(",", ":")).encode()
         header = fmt.encode_header(fmt.Header(h.manifest_size, len(sig), h.payload_area_size))
         (tmp_path / "c.pitb").write_bytes(header + pre.manifest_bytes + sig + raw[h.payload_offset:])
-        refused(verify(capsys, keys, tmp_path / "c.pitb"), {SIGNATURE, TRUST, TIME})
+        assert_refused(verify(capsys, keys, tmp_path / "c.pitb"), {SIGNATURE, TRUST, TIME})
 
 
 def test_untrusted_signer_gets_nothing_parsed(tmp_path: Path, capsys: Any, keys: Keys, other_keys: Keys,
@@ -338,11 +330,11 @@ def test_untrusted_signer_gets_nothing_parsed(tmp_path: Path, capsys: Any, keys:
     garbage = b'{"format": 1, "payloads": [[[[' + b"x" * 100
     sig = sign_manifest(other_keys.signer(), garbage).encode()
     (tmp_path / "g.pitb").write_bytes(fmt.encode_header(fmt.Header(len(garbage), len(sig), 0)) + garbage + sig)
-    refused(verify(capsys, keys, tmp_path / "g.pitb"), TRUST)
+    assert_refused(verify(capsys, keys, tmp_path / "g.pitb"), TRUST)
     # The same bytes from a trusted signer reach the parser, which refuses them as malformed.
     sig = sign_manifest(keys.signer(), garbage).encode()
     (tmp_path / "g.pitb").write_bytes(fmt.encode_header(fmt.Header(len(garbage), len(sig), 0)) + garbage + sig)
-    refused(verify(capsys, keys, tmp_path / "g.pitb"), BUNDLE)
+    assert_refused(verify(capsys, keys, tmp_path / "g.pitb"), BUNDLE)
 
 
 def test_repeated_manifest_keys(tmp_path: Path, capsys: Any, keys: Keys, good: tuple[Path, bytes]) -> None:
@@ -357,7 +349,7 @@ def test_repeated_manifest_keys(tmp_path: Path, capsys: Any, keys: Keys, good: t
     (tmp_path / "d.pitb").write_bytes(fmt.encode_header(fmt.Header(len(mbytes), len(sig), h.payload_area_size))
                                       + mbytes + sig + raw[h.payload_offset:])
     r = verify(capsys, keys, tmp_path / "d.pitb")
-    refused(r, BUNDLE)
+    assert_refused(r, BUNDLE)
     assert "repeats the key" in r.err
 
 
@@ -377,4 +369,4 @@ def test_info_reports_truncated_and_trailing(tmp_path: Path, capsys: Any, good: 
 def test_unwritable_output_is_one_line(tmp_path: Path, capsys: Any, keys: Keys, good: tuple[Path, bytes]) -> None:
     r = run_cli(capsys, "-q", "bundle", "extract", "--keyring", keys.keyring, good[0], "rootfs", "-o",
                 "/proc/pitstop-test.img")
-    refused(r, 4)
+    assert_refused(r, 4)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from bundlekit import CliResult, Keys, make_bundle, resign, run_cli
+from bundlekit import CliResult, Keys, assert_refused, make_bundle, resign, run_cli
 
 import pitstop.ota.bundle_writer as bundle_writer
 from pitstop.ota import bundle_format as fmt
@@ -105,14 +105,6 @@ def extract(capsys: pytest.CaptureFixture[str], bundle: Path, keys: Keys, out: P
     return run_cli(capsys, "-q", "bundle", "extract", bundle, payload, "-o", out, "--keyring", keys.keyring)
 
 
-def assert_one_line_error(r: CliResult, code: int) -> None:
-    assert r.rc == code, (r.rc, r.err)
-    assert "Traceback" not in r.err
-    lines = r.err.splitlines()
-    assert len(lines) == 1, r.err
-    assert lines[0].startswith("pitstop: error: "), r.err
-
-
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
 
@@ -190,7 +182,7 @@ def test_create_refuses_escaping_symlink(tmp_path: Path, keys: Keys, capsys: pyt
     r = run_cli(capsys, "-q", "bundle", "create", "--version", "1.0.0", "--security-version", "1",
                 "--compatible", "pitstop-test", "--payload", f"files:cfg:{src}:etc/app", "-o", outdir / "c.pitb",
                 "--key", keys.key, "--cert", keys.chain)
-    assert_one_line_error(r, SPEC)
+    assert_refused(r, SPEC)
     assert target in r.err
     assert list(outdir.iterdir()) == []
 
@@ -205,7 +197,7 @@ def test_create_refuses_fifo(tmp_path: Path, keys: Keys, capsys: pytest.CaptureF
     r = run_cli(capsys, "-q", "bundle", "create", "--version", "1.0.0", "--security-version", "1",
                 "--compatible", "pitstop-test", "--payload", f"files:cfg:{src}", "-o", outdir / "c.pitb",
                 "--key", keys.key, "--cert", keys.chain)
-    assert_one_line_error(r, SPEC)
+    assert_refused(r, SPEC)
     assert "pipe" in r.err
     assert list(outdir.iterdir()) == []
 
@@ -326,7 +318,7 @@ def test_extract_refuses_crafted_archive(tmp_path: Path, keys: Keys, capsys: pyt
 
     out = work / "out"
     r = extract(capsys, bundle, keys, out)
-    assert_one_line_error(r, c.code)
+    assert_refused(r, c.code)
     assert c.message in r.err
     assert not out.exists() and not out.is_symlink()
     assert sorted(p.name for p in work.iterdir()) == [], "temporaries or escaped files left next to the output"
@@ -341,7 +333,7 @@ def test_extract_refuses_garbage_archive(tmp_path: Path, keys: Keys, capsys: pyt
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
     r = extract(capsys, bundle, keys, out)
-    assert_one_line_error(r, BAD)
+    assert_refused(r, BAD)
     assert not out.exists()
     assert leftovers(out.parent) == []
 
@@ -361,7 +353,7 @@ def test_extract_refuses_symlink_escaping_through_another_symlink(
                 resolved = Path(os.path.realpath(Path(dirpath) / name))
                 assert resolved == out.resolve() or out.resolve() in resolved.parents, (name, resolved)
     else:
-        assert_one_line_error(r, UNSAFE)
+        assert_refused(r, UNSAFE)
         assert not out.exists()
 
 
@@ -401,7 +393,7 @@ def test_create_refuses_unsafe_target(tmp_path: Path, keys: Keys, capsys: pytest
     r = run_cli(capsys, "-q", "bundle", "create", "--version", "1.0.0", "--security-version", "1",
                 "--compatible", "pitstop-test", "--payload", f"{ptype}:p:{src}:{target}", "-o", tmp_path / "b.pitb",
                 "--key", keys.key, "--cert", keys.chain)
-    assert_one_line_error(r, SPEC)
+    assert_refused(r, SPEC)
     assert not (tmp_path / "b.pitb").exists()
 
 
@@ -419,9 +411,9 @@ def test_verify_refuses_unsafe_target_in_signed_manifest(tmp_path: Path, keys: K
 
     bad = resign(good, tmp_path / "bad.pitb", keys, mutate)
     r = run_cli(capsys, "-q", "bundle", "verify", bad, "--keyring", keys.keyring)
-    assert_one_line_error(r, UNSAFE)
+    assert_refused(r, UNSAFE)
     assert "target" in r.err
     out = tmp_path / "out"
     r = extract(capsys, bad, keys, out, "net")
-    assert_one_line_error(r, UNSAFE)
+    assert_refused(r, UNSAFE)
     assert not out.exists()

@@ -69,24 +69,28 @@ def extract_payload(f: BinaryIO, m: Manifest, name: str, dest: Path, *, progress
     layout = read_layout(f, p, limits)
     with payload_pool() as pool:
         chunks = _counted(iter(PayloadStream(f, p, layout, pool)), progress)
-        if p.type == "files":
-            with atomic_dir(dest) as tmp:
-                reader = ChunkReader(chunks)
-                extract_tree(io.BufferedReader(reader, 1 << 20), tmp, limits)
-                reader.drain()
-        elif p.type == "model":
-            file_name = p.model_file
-            assert file_name is not None
-            with atomic_dir(dest) as tmp:
-                with open(tmp / file_name, "wb") as out:
-                    for c in chunks:
-                        out.write(c)
-                assert p.model is not None
-                desc = {"name": p.name, "file": file_name, "sha256": p.sha256,
-                        "description": p.model.get("description", {})}
-                (tmp / MODEL_DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")
-        else:
+        if p.type == "rootfs":
             with atomic_file(dest) as out:
                 for c in chunks:
                     out.write(c)
+        else:
+            with atomic_dir(dest) as tmp:
+                write_tree_payload(p, chunks, tmp, limits)
     return p
+
+
+def write_tree_payload(p: Payload, chunks: Iterator[bytes], dest: Path,
+                       limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> None:
+    """Write a model or files payload's verified chunks into the empty directory `dest`."""
+    if p.type == "files":
+        reader = ChunkReader(chunks)
+        extract_tree(io.BufferedReader(reader, 1 << 20), dest, limits)
+        reader.drain()
+        return
+    file_name = p.model_file
+    assert file_name is not None and p.model is not None
+    with open(dest / file_name, "wb") as out:
+        for c in chunks:
+            out.write(c)
+    desc = {"name": p.name, "file": file_name, "sha256": p.sha256, "description": p.model.get("description", {})}
+    (dest / MODEL_DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")

@@ -75,3 +75,9 @@ class KeyringError(PitstopError, ValueError):
     """The keyring file cannot be read or holds no certificate."""
 
     exit_code = 21
+
+
+class BootEnvError(PitstopError, ValueError):
+    """The bootloader environment is unreadable, torn, or cannot hold the requested state."""
+
+    exit_code = 22

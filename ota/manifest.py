@@ -30,7 +30,7 @@ _SEMVER_RE = re.compile(
     r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
 )
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_COMPATIBLE_RE = re.compile(r"[\x21-\x7e]{1,128}")
+COMPATIBLE_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _MAX_TARGET = 255
 _MAX_COMPONENT = 128
 
@@ -303,7 +303,7 @@ def parse(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Manifest:
     version = check_semver(d.get("version"))
     secver = _uint(d, "security_version", where, 2**63 - 1)
     compatible = _get(d, "compatible", str, where)
-    if not _COMPATIBLE_RE.fullmatch(compatible):
+    if not COMPATIBLE_RE.fullmatch(compatible):
         raise BundleError("manifest: 'compatible' must be 1-128 printable ASCII characters without spaces")
     created = parse_time(d.get("created"))
     description = d.get("description", "")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pitstop import __version__
 from pitstop.errors import InputError, PitstopError
 from pitstop.ota import cli as ota_cli
+from pitstop.ota import device_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="area", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     ota_cli.register(sub)
+    device_cli.register(sub)
     return parser
 
 

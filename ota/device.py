@@ -1,0 +1,167 @@
+"""One device's update state, read and changed through its bootloader, its state file and its payload links.
+
+The decisions are ota/slot_state.py's; this module only loads their inputs and stores their outputs, in
+an order that is safe at every instant (docs/install.md, "Crash safety").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pitstop.ota import slot_state
+from pitstop.ota.bootloader import Bootloader, backend
+from pitstop.ota.device_state import DeviceState, StateStore, Versions
+from pitstop.ota.payload_store import PayloadStore
+from pitstop.ota.slot_state import BootEnv, Phase, StateError, Status
+from pitstop.ota.system_config import SystemConfig
+from pitstop.ota.trust import RELEASE_TIME_FLOOR, Clock
+
+
+def slot_from_cmdline(cmdline: str, boot_names: dict[str, str]) -> str | None:
+    for arg in cmdline.split():
+        if arg.startswith("pitstop.slot="):
+            return boot_names.get(arg.split("=", 1)[1])
+    return None
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    slots: Status
+    payloads: dict[str, Versions]
+    pending_bundle: dict[str, Any] | None
+    time_floor: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.slots
+        return {
+            "booted": s.booted, "primary": s.primary, "next_boot": s.next_boot, "pending": s.pending,
+            "phase": s.phase.value, "committed_security_version": s.committed_security_version,
+            "slots": [{"name": v.name, "booted": v.booted, "primary": v.primary, "next_boot": v.next_boot,
+                       "bootable": v.bootable, "tries_left": v.tries_left, "content": v.content.value,
+                       "pending_commit": v.pending_commit, "bundle": v.bundle} for v in s.slots],
+            "payloads": {t: v.to_json() for t, v in sorted(self.payloads.items())},
+            "pending_payloads": self.pending_bundle,
+            "time_floor": self.time_floor.strftime("%Y-%m-%dT%H:%M:%SZ") if self.time_floor else None,
+        }
+
+
+class Device:
+    def __init__(self, cfg: SystemConfig, bootloader: Bootloader | None = None) -> None:
+        self.cfg = cfg
+        self.bootloader = bootloader or backend(cfg)
+        names = (cfg.slots[0].name, cfg.slots[1].name)
+        self.slot_names: tuple[str, str] = (min(names), max(names))
+        self.store = StateStore(cfg.state_dir, self.slot_names)
+        self.payloads = PayloadStore(cfg.data_dir)
+
+    # -- facts about the running system ----------------------------------------------------------------
+
+    def booted(self) -> str | None:
+        if self.cfg.booted_slot is not None:
+            return self.cfg.booted_slot
+        try:
+            cmdline = self.cfg.cmdline.read_text()
+        except OSError:
+            cmdline = ""
+        found = slot_from_cmdline(cmdline, {s.boot_name: s.name for s in self.cfg.slots})
+        if found:
+            return found
+        root = os.stat("/").st_dev
+        for s in self.cfg.slots:
+            try:
+                if os.stat(s.device).st_rdev == root:
+                    return s.name
+            except OSError:
+                continue
+        return None
+
+    def boot_id(self) -> str:
+        try:
+            return self.cfg.boot_id.read_text().strip()
+        except OSError:
+            return "unknown"
+
+    def clock(self, state: DeviceState) -> Clock:
+        floor = max(RELEASE_TIME_FLOOR, state.time_floor) if state.time_floor else RELEASE_TIME_FLOOR
+        return Clock(self.cfg.clock, datetime.now(UTC), floor)
+
+    def load(self) -> tuple[BootEnv, DeviceState]:
+        env = self.bootloader.read()
+        return env, self.store.load(env)
+
+    # -- views and commands --------------------------------------------------------------------------------
+
+    def status(self) -> DeviceStatus:
+        env, state = self.load()
+        st = slot_state.status(env, state.record, self.booted(), self.boot_id())
+        return DeviceStatus(st, state.payloads, state.pending_bundle, state.time_floor)
+
+    def mark_good(self) -> DeviceStatus:
+        env, state = self.load()
+        booted = self.booted()
+        rec = state.record
+        new_env, new_rec = slot_state.mark_good(env, rec, booted, self.cfg.bootloader.tries)
+        if rec.pending == booted or (rec.pending is None and state.pending_bundle is not None):
+            state = _commit_payloads(state, state.pending_bundle)
+        elif rec.pending is not None:
+            state = _drop_pending_payloads(state)
+        # Record first: the bootloader change is the one the next boot sees, so it goes last.
+        self.store.save(replace(state, record=new_rec))
+        if new_env != env:
+            self.bootloader.write(new_env)
+        self.reconcile_links()
+        return self.status()
+
+    def mark_bad(self, slot: str | None = None) -> DeviceStatus:
+        env, state = self.load()
+        booted = self.booted()
+        if slot is None and state.record.pending is None and state.pending_bundle is not None:
+            state = _drop_pending_payloads(state)  # a model/files-only install: back to the previous versions
+            self.store.save(state)
+            self.reconcile_links()
+            return self.status()
+        target = slot or booted
+        if target is None:
+            raise StateError("cannot tell which slot is booted; name the slot to mark bad")
+        if target not in self.slot_names:
+            raise StateError(f"no slot named {target!r}")
+        new_env, new_rec = slot_state.mark_bad(env, state.record, booted, target)
+        if state.record.pending == target:
+            state = _drop_pending_payloads(state)
+        self.store.save(replace(state, record=new_rec))
+        self.bootloader.write(new_env)
+        self.reconcile_links()
+        return self.status()
+
+    def reconcile_links(self) -> None:
+        """Point each model/files target at the version the state says is live now: a pending version once
+        it is in effect (payload-only install, or booted into the pending slot), else the committed one."""
+        env, state = self.load()
+        ph = slot_state.phase(env, state.record, self.booted(), self.boot_id())
+        for target, v in state.payloads.items():
+            in_effect = v.pending is not None and (not state.pending_rootfs or ph == Phase.TRIAL)
+            self.payloads.switch(target, v.pending if in_effect else v.current)
+            self.payloads.prune(target, {x for x in (v.current, v.previous, v.pending) if x})
+
+
+def _commit_payloads(state: DeviceState, bundle: dict[str, Any] | None) -> DeviceState:
+    payloads = {t: Versions(v.pending, v.current, None) if v.pending else v for t, v in state.payloads.items()}
+    rec = state.record
+    if bundle is not None:
+        sv = int(bundle.get("security_version", 0))
+        rec = replace(rec, committed_security_version=max(rec.committed_security_version, sv))
+    return replace(state, record=rec, payloads=payloads, pending_rootfs=False, pending_bundle=None)
+
+
+def _drop_pending_payloads(state: DeviceState) -> DeviceState:
+    payloads = {t: Versions(v.current, v.previous, None) for t, v in state.payloads.items()
+                if v.current or v.previous}
+    return replace(state, payloads=payloads, pending_rootfs=False, pending_bundle=None)
+
+
+def record_dir(state_dir: Path, slot: str) -> Path:
+    return state_dir / "slots" / slot

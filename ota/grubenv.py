@@ -1,0 +1,66 @@
+"""GRUB's environment block (`grubenv`): the exact format `grub-editenv` writes and GRUB's `save_env` rewrites.
+
+A fixed 1024-byte file: the signature line, `name=value` lines (backslash escapes `\\` and a newline), then
+`#` padding. GRUB rewrites it in place through a block list, so it must never change size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pitstop.ota.errors import BootEnvError
+
+SIZE = 1024
+SIGNATURE = b"# GRUB Environment Block\n"
+_NAME_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _escape(value: str) -> bytes:
+    raw = value.encode()
+    return raw.replace(b"\\", b"\\\\").replace(b"\n", b"\\\n")
+
+
+def encode(env: Mapping[str, str]) -> bytes:
+    """The 1024-byte block holding `env` (in the given order); BootEnvError if it does not fit."""
+    body = bytearray(SIGNATURE)
+    for name, value in env.items():
+        if not name or not set(name.encode()) <= _NAME_OK:
+            raise BootEnvError(f"bad boot environment variable name {name!r}")
+        body += name.encode() + b"=" + _escape(value) + b"\n"
+    if len(body) > SIZE:
+        raise BootEnvError(f"boot environment needs {len(body)} bytes; grubenv holds {SIZE}")
+    return bytes(body) + b"#" * (SIZE - len(body))
+
+
+def decode(block: bytes) -> dict[str, str]:
+    """Parse a grubenv block; BootEnvError for anything GRUB itself would not read as one."""
+    if len(block) != SIZE:
+        raise BootEnvError(f"grubenv is {len(block)} bytes, not {SIZE} (torn or foreign write)")
+    if not block.startswith(SIGNATURE):
+        raise BootEnvError("grubenv lacks the GRUB environment block signature (torn or foreign write)")
+    env: dict[str, str] = {}
+    pos = len(SIGNATURE)
+    while pos < SIZE and block[pos] != ord("#"):
+        line = bytearray()
+        while True:
+            if pos >= SIZE:
+                raise BootEnvError("grubenv has an unterminated line (torn write)")
+            c = block[pos]
+            pos += 1
+            if c == ord("\\") and pos < SIZE:
+                line.append(block[pos])
+                pos += 1
+            elif c == ord("\n"):
+                break
+            else:
+                line.append(c)
+        name, eq, value = bytes(line).partition(b"=")
+        if not eq or not name or not set(name) <= _NAME_OK:
+            raise BootEnvError(f"grubenv has a malformed line {bytes(line)[:40]!r}")
+        try:
+            env[name.decode()] = value.decode()
+        except UnicodeDecodeError:
+            raise BootEnvError("grubenv holds a value that is not UTF-8") from None
+    if block[pos:].strip(b"#"):
+        raise BootEnvError("grubenv has data after its padding (torn or foreign write)")
+    return env

@@ -1,0 +1,200 @@
+"""A bundle read over HTTP(S) as one forward stream that survives dropped connections.
+
+The reader asks for the next byte it needs with a Range request whenever a connection drops, so every
+byte is downloaded about once and the installer never sees the interruption. Retries back off
+exponentially and start over after progress; a server that ignores Range is read up to the position.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import requests
+import urllib3.exceptions
+
+from pitstop import crashpoint
+from pitstop.errors import PitstopError
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class DownloadError(PitstopError):
+    """The bundle could not be downloaded (server error, too many failed retries, TLS failure)."""
+
+    exit_code = 26
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    ca: Path | None = None               # CA bundle for TLS verification (None: system CAs)
+    client_cert: Path | None = None      # PEM with certificate (and key, unless client_key is given)
+    client_key: Path | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 8                     # consecutive failures without progress before giving up
+    backoff: float = 0.5                 # first wait; doubles up to backoff_max
+    backoff_max: float = 30.0
+    rate_limit: int | None = None        # bytes per second
+
+
+class HttpSource:
+    """A forward-only, read()-able bundle at `url`."""
+
+    def __init__(self, url: str, opts: HttpOptions = HttpOptions(), *, session: requests.Session | None = None) -> None:
+        self.url = url
+        self.opts = opts
+        self.session = session or requests.Session()
+        self.session.headers.update(dict(opts.headers))
+        self.session.verify = str(opts.ca) if opts.ca else True
+        if opts.client_cert:
+            self.session.cert = (str(opts.client_cert), str(opts.client_key)) if opts.client_key else str(
+                opts.client_cert)
+        self.pos = 0
+        self.size: int | None = None
+        self.bytes_received = 0   # everything that came over the wire, including what a restart re-read
+        self.connections = 0
+        self._resp: requests.Response | None = None
+        self._raw: Any = None
+        self._bucket_t = time.monotonic()
+        self._bucket_bytes = 0
+
+    # -- file protocol ----------------------------------------------------------------------------------
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            raise ValueError("HttpSource.read needs a size")
+        failures = 0
+        while True:
+            if self.size is not None and self.pos >= self.size:
+                return b""
+            try:
+                if self._raw is None:
+                    self._connect()
+                crashpoint.hit("download")
+                data: bytes = self._raw.read(min(n, 1 << 20))
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, _Dropped) as e:
+                self._close_response()
+                failures += 1
+                if isinstance(e, requests.exceptions.SSLError) or failures > self.opts.retries:
+                    raise DownloadError(f"{self.url}: {_describe(e)} (after {failures} attempt(s))") from None
+                wait = min(self.opts.backoff * 2 ** (failures - 1), self.opts.backoff_max)
+                log.warning("download interrupted at byte %d (%s); resuming in %.1f s", self.pos, _describe(e), wait)
+                time.sleep(wait)
+                continue
+            if not data:
+                # EOF before the known end: the connection dropped cleanly mid-body.
+                self._close_response()
+                if self.size is None:
+                    return b""
+                failures += 1
+                if failures > self.opts.retries:
+                    raise DownloadError(f"{self.url}: connection keeps closing at byte {self.pos} of {self.size}")
+                continue
+            self.pos += len(data)
+            self.bytes_received += len(data)
+            self._throttle(len(data))
+            return data
+
+    def close(self) -> None:
+        self._close_response()
+        self.session.close()
+
+    def __enter__(self) -> HttpSource:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        self.connections += 1
+        resp = self.session.get(self.url, headers=headers, stream=True,
+                                timeout=(self.opts.connect_timeout, self.opts.read_timeout))
+        if resp.status_code in _RETRYABLE_STATUS:
+            resp.close()
+            raise _Dropped(f"server answered {resp.status_code}")
+        if resp.status_code == 416 and self.size is not None and self.pos >= self.size:
+            resp.close()
+            return
+        if resp.status_code not in (200, 206):
+            resp.close()
+            raise DownloadError(f"{self.url}: server answered {resp.status_code} {resp.reason}")
+        skip = 0
+        if resp.status_code == 206:
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != self.pos:
+                resp.close()
+                raise DownloadError(f"{self.url}: server sent a range that does not start at byte {self.pos}")
+            total = None if m.group(3) == "*" else int(m.group(3))
+        else:
+            skip = self.pos  # no Range support: read again from the start and discard
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        if total is not None:
+            if self.size is not None and total != self.size:
+                resp.close()
+                raise DownloadError(f"{self.url}: the file changed size during download ({self.size} → {total})")
+            self.size = total
+        self._resp, self._raw = resp, resp.raw
+        while skip:
+            got = self._raw.read(min(skip, 1 << 20))
+            if not got:
+                raise _Dropped("connection closed while skipping to the resume point")
+            self.bytes_received += len(got)
+            skip -= len(got)
+
+    def _close_response(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+        self._resp = self._raw = None
+
+    def _throttle(self, n: int) -> None:
+        rate = self.opts.rate_limit
+        if not rate:
+            return
+        self._bucket_bytes += n
+        ahead = self._bucket_bytes / rate - (time.monotonic() - self._bucket_t)
+        if ahead > 0:
+            time.sleep(ahead)
+        if self._bucket_bytes > rate:  # keep the window short so a pause is not paid back in a burst
+            self._bucket_t, self._bucket_bytes = time.monotonic(), 0
+
+
+class _Dropped(Exception):
+    pass
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, requests.exceptions.SSLError):
+        return "TLS verification failed"
+    if isinstance(e, requests.exceptions.ConnectTimeout | requests.exceptions.ReadTimeout):
+        return "timed out"
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return "connection failed"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))

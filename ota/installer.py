@@ -1,0 +1,258 @@
+"""`pitstop install`: a verified bundle streamed into the inactive slot, then the boot switched to it.
+
+Order of work (each step leaves the device bootable if power fails right after it; docs/install.md):
+ 1. read and verify header, manifest, signature, chain, compatibility and anti-rollback: no writes yet;
+ 2. check the target slot (not booted, not mounted, big enough) and, for a local file, every payload's
+    data hash, so a corrupt bundle on a USB stick is refused before anything is touched;
+ 3. record the target as being written (the bootloader still boots the running slot);
+ 4. stream each payload: chunks verified before they are written; rootfs into the slot, model/files into a
+    new version directory; fsync;
+ 5. record the install (manifest, signature, chunk indexes) as pending;
+ 6. switch the bootloader to the new slot with N tries. Commit is `mark-good` after a healthy boot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from pitstop import crashpoint
+from pitstop.atomic import atomic_dir
+from pitstop.errors import InputError
+from pitstop.ota import bundle_format as fmt
+from pitstop.ota import slot_device, slot_state
+from pitstop.ota.bundle_extract import write_tree_payload
+from pitstop.ota.bundle_reader import (
+    PayloadStream,
+    Policy,
+    VerifiedPreamble,
+    expect_eof,
+    open_verified,
+    payload_pool,
+    read_layout,
+)
+from pitstop.ota.device import Device, record_dir
+from pitstop.ota.device_state import DeviceState, Versions
+from pitstop.ota.errors import BundleError, PayloadError
+from pitstop.ota.http_source import HttpOptions, HttpSource, is_url
+from pitstop.ota.keyring import load_keyring
+from pitstop.ota.manifest import Manifest, Payload, format_time
+from pitstop.ota.slot_state import StateError
+from pitstop.ota.system_config import SystemConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstallProgress:
+    phase: str          # "check", "write"
+    payload: str | None
+    done: int           # bytes of payload data written so far (all payloads)
+    total: int
+
+
+ProgressFn = Callable[[InstallProgress], None]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    manifest: Manifest
+    slot: str | None            # the slot written (None: a bundle without rootfs)
+    activated: bool             # the bootloader boots it next
+    bytes_read: int             # from the source, including re-reads after a dropped connection
+
+
+@contextlib.contextmanager
+def open_source(source: str, http: HttpOptions) -> Iterator[BinaryIO]:
+    if is_url(source):
+        with HttpSource(source, http) as src:
+            yield cast(BinaryIO, src)
+        return
+    try:
+        f = open(source, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise InputError(f"cannot open bundle {source}: {e.strerror}") from None
+    with f:
+        yield f
+
+
+def _prescan(f: BinaryIO, m: Manifest, limits: fmt.Limits) -> None:
+    """Check every payload's index, table and compressed data against the signed hashes, and the file's
+    length, before anything is written. For seekable (local) sources only; rewinds afterwards."""
+    start = f.tell()
+    for p in m.payloads:
+        f.seek(start + p.region_start)
+        read_layout(f, p, limits)
+        h = hashlib.sha256()
+        left = p.data.size
+        while left:
+            b = f.read(min(left, 4 << 20))
+            if not b:
+                raise BundleError(f"bundle is truncated: payload {p.name!r} ends early")
+            h.update(b)
+            left -= len(b)
+        if h.hexdigest() != p.data.sha256:
+            raise PayloadError(f"compressed data of payload {p.name!r} does not match the signed manifest")
+    f.seek(start + m.payload_area_size)
+    expect_eof(f)
+    f.seek(start)
+
+
+def _version_id(m: Manifest, p: Payload) -> str:
+    return f"{m.version}-{p.sha256[:12]}"
+
+
+def _bundle_info(vp: VerifiedPreamble, source: str) -> dict[str, Any]:
+    m = vp.manifest
+    return {
+        "version": m.version, "security_version": m.security_version, "compatible": m.compatible,
+        "created": format_time(m.created), "manifest_sha256": hashlib.sha256(vp.preamble.manifest_bytes).hexdigest(),
+        "payloads": [p.name for p in m.payloads], "signer": vp.signer.subject, "source": source,
+    }
+
+
+class Installer:
+    def __init__(self, cfg: SystemConfig, *, http: HttpOptions = HttpOptions(), progress: ProgressFn | None = None,
+                 limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> None:
+        self.cfg = cfg
+        self.device = Device(cfg)
+        self.http = http
+        self.progress = progress
+        self.limits = limits
+
+    def install(self, source: str, *, activate: bool = True) -> InstallResult:
+        dev = self.device
+        env, state = dev.load()
+        booted = dev.booted()
+        keyring = load_keyring(self.cfg.keyring)
+        policy = Policy(keyring, dev.clock(state), self.cfg.compatible, state.record.committed_security_version)
+        with open_source(source, self.http) as f:
+            vp = open_verified(f, policy, self.limits)
+            m = vp.manifest
+            rootfs = [p for p in m.payloads if p.type == "rootfs"]
+            trees = [p for p in m.payloads if p.type != "rootfs"]
+            if len(rootfs) > 1:
+                raise BundleError("bundle has more than one rootfs payload; a device has one inactive slot")
+            if not m.payloads:
+                raise BundleError("bundle has no payloads")
+            target: str | None = None
+            new_env, rec = env, state.record
+            if rootfs:
+                target, new_env, rec = slot_state.begin_install(env, state.record, booted)
+                slot_device.check_target(self.cfg.slot(target).device, rootfs[0].size)
+            elif state.record.pending is not None or state.pending_bundle is not None:
+                raise StateError("another install awaits commit: mark-good or mark-bad first")
+            for p in trees:
+                dev.payloads.check_live(p.target)
+            if f.seekable():
+                self._report("check", None, 0, 1)
+                _prescan(f, m, self.limits)
+            # First write. Pending model/files versions of an interrupted install are dropped with it.
+            state = replace(state, record=rec, payloads=_without_pending(state.payloads), pending_rootfs=False,
+                            pending_bundle=None)
+            dev.store.save(state)
+            if new_env != env:
+                dev.bootloader.write(new_env)
+            written, indexes = self._write_payloads(f, m, target)
+            expect_eof(f)
+            bytes_read = int(getattr(f, "bytes_received", f.tell()))
+        info = _bundle_info(vp, source)
+        if target is not None:
+            self._save_slot_record(target, vp, indexes)
+            rec = slot_state.finish_install(state.record, target, info)
+        payloads = dict(state.payloads)
+        for p in trees:
+            old = payloads.get(p.target, Versions())
+            payloads[p.target] = replace(old, pending=_version_id(m, p))
+        floor = max(state.time_floor, m.created) if state.time_floor else m.created
+        state = replace(state, record=rec, payloads=payloads, time_floor=floor, pending_rootfs=target is not None,
+                        pending_bundle=None if target is not None else info)
+        dev.store.save(state)
+        activated = False
+        if target is not None and activate:
+            activated = self.activate(target)
+        dev.reconcile_links()
+        log.info("installed %s %s (%d bytes written)", m.version, f"into slot {target}" if target else "", written)
+        return InstallResult(m, target, activated, bytes_read)
+
+    def activate(self, target: str) -> bool:
+        dev = self.device
+        env, state = dev.load()
+        new_env, rec = slot_state.activate(env, state.record, target, self.cfg.bootloader.tries, dev.boot_id())
+        dev.store.save(replace(state, record=rec))
+        crashpoint.hit("activate")
+        dev.bootloader.write(new_env)
+        return True
+
+    # -- payloads --------------------------------------------------------------------------------------------
+
+    def _report(self, phase: str, payload: str | None, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(InstallProgress(phase, payload, done, total))
+
+    def _write_payloads(self, f: BinaryIO, m: Manifest, target: str | None) -> tuple[int, dict[str, bytes]]:
+        total = sum(p.size for p in m.payloads)
+        done = 0
+        indexes: dict[str, bytes] = {}
+        with payload_pool() as pool:
+            for p in m.payloads:
+                layout = read_layout(f, p, self.limits)
+                indexes[p.name] = layout.index_bytes
+                chunks = PayloadStream(f, p, layout, pool)
+                self._report("write", p.name, done, total)
+
+                def counted(it: Iterator[bytes], name: str = p.name) -> Iterator[bytes]:
+                    nonlocal done
+                    for c in it:
+                        done += len(c)
+                        self._report("write", name, done, total)
+                        yield c
+
+                if p.type == "rootfs":
+                    assert target is not None
+                    self._write_slot(self.cfg.slot(target).device, counted(iter(chunks)))
+                else:
+                    with self.device.payloads.stage(p.target, _version_id(m, p)) as tmp:
+                        write_tree_payload(p, counted(iter(chunks)), tmp, self.limits)
+        return done, indexes
+
+    @staticmethod
+    def _write_slot(device: Path, chunks: Iterator[bytes]) -> None:
+        fd = slot_device.open_for_write(device)
+        try:
+            offset = 0
+            for c in chunks:
+                slot_device.write_all(fd, c, offset)
+                offset += len(c)
+                crashpoint.hit("slot-write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _save_slot_record(self, slot: str, vp: VerifiedPreamble, indexes: dict[str, bytes]) -> None:
+        """Keep the manifest, signature and chunk indexes of what the slot now holds (delta updates reuse
+        the indexes). A fresh directory per install, renamed into place; the older one is removed after."""
+        base = record_dir(self.cfg.state_dir, slot)
+        base.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(vp.preamble.manifest_bytes).hexdigest()[:16]
+        final = base / name
+        if not final.exists():
+            with atomic_dir(final) as tmp:
+                (tmp / "manifest.json").write_bytes(vp.preamble.manifest_bytes)
+                (tmp / "signature.json").write_bytes(vp.preamble.signature_bytes)
+                for name_, index in indexes.items():
+                    (tmp / f"{name_}.caibx").write_bytes(index)
+        for old in base.iterdir():
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _without_pending(payloads: dict[str, Versions]) -> dict[str, Versions]:
+    return {t: Versions(v.current, v.previous, None) for t, v in payloads.items() if v.current or v.previous}

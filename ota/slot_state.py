@@ -1,0 +1,231 @@
+"""The A/B boot-slot state machine. Pure: no I/O; the bootloader backends and the state store do that.
+
+Two inputs describe a device: the bootloader's environment (`BootEnv`: boot order, per-slot OK flag and
+tries left, which the bootloader itself decrements) and pitstop's record on the data partition (`Record`:
+what each slot holds and which install awaits commit). Every operation takes both plus the booted slot
+and returns the new pair, or raises `StateError` without changing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from pitstop.errors import PitstopError
+
+
+class StateError(PitstopError):
+    """The requested slot operation is not allowed in the device's current state."""
+
+    exit_code = 24
+
+
+class Content(StrEnum):
+    EMPTY = "empty"          # nothing pitstop installed (or unknown)
+    WRITING = "writing"      # an install is (or was, when interrupted) overwriting it: not bootable
+    INSTALLED = "installed"  # complete and verified; awaiting activation or commit
+    GOOD = "good"            # committed after a healthy boot
+    BAD = "bad"              # failed its tries or marked bad
+
+
+@dataclass(frozen=True)
+class BootEnv:
+    """Bootloader-neutral boot configuration; slot keys are slot names (backends map boot names)."""
+
+    order: tuple[str, ...]
+    ok: dict[str, bool]
+    tries: dict[str, int]
+
+    def bootable(self, slot: str) -> bool:
+        return slot in self.order and self.ok.get(slot, False)
+
+    @property
+    def primary(self) -> str | None:
+        return self.order[0] if self.order else None
+
+    def next_boot(self) -> str | None:
+        """The slot the bootloader picks next (docs/grub.md): first OK slot in order with tries left,
+        else, as a last resort, the first OK slot, else the first slot."""
+        for s in self.order:
+            if self.ok.get(s, False) and self.tries.get(s, 0) > 0:
+                return s
+        for s in self.order:
+            if self.ok.get(s, False):
+                return s
+        return self.order[0] if self.order else None
+
+    def after_boot(self) -> tuple[str | None, BootEnv]:
+        """What the bootloader does on one boot: pick a slot and spend one of its tries."""
+        s = self.next_boot()
+        if s is None or not self.ok.get(s, False) or self.tries.get(s, 0) <= 0:
+            return s, self
+        return s, replace(self, tries={**self.tries, s: self.tries[s] - 1})
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    content: Content = Content.EMPTY
+    bundle: dict[str, Any] = field(default_factory=dict)  # version, security_version, manifest_sha256, …
+
+
+@dataclass(frozen=True)
+class Record:
+    slots: dict[str, SlotRecord]
+    pending: str | None = None           # slot whose install awaits commit
+    activated_boot: str | None = None    # boot id when the pending slot was activated
+    committed_security_version: int = 0
+
+
+def initial_record(env: BootEnv, slots: tuple[str, str]) -> Record:
+    """A device pitstop has not recorded anything on yet: what the bootloader boots came from the factory."""
+    return Record({s: SlotRecord(Content.GOOD if env.bootable(s) else Content.EMPTY) for s in slots})
+
+
+class Phase(StrEnum):
+    NONE = "none"                # nothing awaits commit
+    INSTALLED = "installed"      # written and verified, boot configuration not switched (interrupted)
+    ACTIVATED = "activated"      # primary with tries; takes effect at the next reboot
+    TRIAL = "trial"              # booted from the pending slot: health checks, then mark-good or mark-bad
+    ROLLED_BACK = "rolled-back"  # tried and fell back: mark-good on the running slot settles it
+
+
+@dataclass(frozen=True)
+class SlotView:
+    name: str
+    booted: bool
+    primary: bool
+    next_boot: bool
+    bootable: bool
+    tries_left: int
+    content: Content
+    pending_commit: bool
+    bundle: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Status:
+    booted: str | None
+    primary: str | None
+    next_boot: str | None
+    pending: str | None
+    phase: Phase
+    committed_security_version: int
+    slots: tuple[SlotView, ...]
+
+
+def _slots(rec: Record) -> tuple[str, str]:
+    names = tuple(sorted(rec.slots))
+    if len(names) != 2:
+        raise StateError("the device record must describe exactly two slots")
+    return names[0], names[1]
+
+
+def _other(rec: Record, s: str) -> str:
+    a, b = _slots(rec)
+    return b if s == a else a
+
+
+def phase(env: BootEnv, rec: Record, booted: str | None, boot_id: str | None) -> Phase:
+    p = rec.pending
+    if p is None:
+        return Phase.NONE
+    if booted == p:
+        return Phase.TRIAL
+    if rec.activated_boot is None:
+        return Phase.INSTALLED
+    # Activated earlier; we are not running it. Still primary with tries and no reboot since: waiting.
+    # Anything else (tries spent, a reboot that landed elsewhere, flags cleared) means it was tried and failed.
+    waiting = env.primary == p and env.bootable(p) and env.tries.get(p, 0) > 0 and boot_id == rec.activated_boot
+    return Phase.ACTIVATED if waiting else Phase.ROLLED_BACK
+
+
+def status(env: BootEnv, rec: Record, booted: str | None, boot_id: str | None) -> Status:
+    nxt = env.next_boot()
+    views = tuple(
+        SlotView(name=s, booted=s == booted, primary=s == env.primary, next_boot=s == nxt, bootable=env.bootable(s),
+                 tries_left=env.tries.get(s, 0), content=r.content, pending_commit=s == rec.pending,
+                 bundle=dict(r.bundle))
+        for s, r in sorted(rec.slots.items())
+    )
+    return Status(booted, env.primary, nxt, rec.pending, phase(env, rec, booted, boot_id),
+                  rec.committed_security_version, views)
+
+
+def _need_booted(rec: Record, booted: str | None) -> str:
+    if booted is None or booted not in rec.slots:
+        raise StateError("cannot tell which slot is booted (kernel command line lacks pitstop.slot=)")
+    return booted
+
+
+def begin_install(env: BootEnv, rec: Record, booted: str | None) -> tuple[str, BootEnv, Record]:
+    """Choose the target (the slot not booted) and record it as being written.
+
+    The boot configuration stays as it is, with one exception: if the target is what the bootloader would
+    boot next (an activated install not yet booted), it is deactivated first, or a reboot mid-write would
+    boot a half-written slot.
+    """
+    booted = _need_booted(rec, booted)
+    if rec.pending == booted:
+        raise StateError(f"slot {booted} runs an update that is not committed yet: mark-good or mark-bad first")
+    target = _other(rec, booted)
+    if env.next_boot() == target:
+        env = BootEnv((booted, target), {**env.ok, target: False}, {**env.tries, target: 0})
+    slots = {**rec.slots, target: SlotRecord(Content.WRITING)}
+    return target, env, replace(rec, slots=slots, pending=None, activated_boot=None)
+
+
+def finish_install(rec: Record, target: str, bundle: dict[str, Any]) -> Record:
+    """The payload is fully written and verified: record it as the pending install."""
+    if rec.slots.get(target, SlotRecord()).content != Content.WRITING:
+        raise StateError(f"slot {target} is not being written")
+    slots = {**rec.slots, target: SlotRecord(Content.INSTALLED, dict(bundle))}
+    return replace(rec, slots=slots, pending=target, activated_boot=None)
+
+
+def activate(env: BootEnv, rec: Record, target: str, tries: int, boot_id: str) -> tuple[BootEnv, Record]:
+    """Make the installed target primary with `tries` attempts; the other slot stays as fallback."""
+    if rec.pending != target or rec.slots[target].content != Content.INSTALLED:
+        raise StateError(f"slot {target} holds no verified install to activate")
+    new_env = BootEnv((target, _other(rec, target)), {**env.ok, target: True}, {**env.tries, target: tries})
+    return new_env, replace(rec, activated_boot=boot_id)
+
+
+def mark_good(env: BootEnv, rec: Record, booted: str | None, tries: int) -> tuple[BootEnv, Record]:
+    """The booted slot passed its health checks: primary again with full tries. If it was the pending slot,
+    the install is committed and its security_version becomes the floor; if the other slot was pending, that
+    one failed and is marked bad (the rollback is settled)."""
+    booted = _need_booted(rec, booted)
+    cur = rec.slots[booted]
+    if cur.content in (Content.WRITING, Content.BAD):
+        raise StateError(f"slot {booted} is recorded as {cur.content.value}; it cannot be marked good")
+    other = _other(rec, booted)
+    slots = dict(rec.slots)
+    ok = {**env.ok, booted: True}
+    tries_left = {**env.tries, booted: tries}
+    floor = rec.committed_security_version
+    if rec.pending == other:
+        slots[other] = replace(slots[other], content=Content.BAD)
+        ok[other] = False
+        tries_left[other] = 0
+    if rec.pending == booted:
+        floor = max(floor, int(cur.bundle.get("security_version", 0)))
+    slots[booted] = replace(cur, content=Content.GOOD)
+    return BootEnv((booted, other), ok, tries_left), Record(slots, None, None, floor)
+
+
+def mark_bad(env: BootEnv, rec: Record, booted: str | None, slot: str) -> tuple[BootEnv, Record]:
+    """Never boot `slot` again until something new is installed into it. Refused if that would leave no
+    bootable slot, or would drop the fallback of a slot still on trial."""
+    if slot not in rec.slots:
+        raise StateError(f"no slot named {slot!r}")
+    other = _other(rec, slot)
+    if not env.bootable(other) or rec.slots[other].content in (Content.WRITING, Content.BAD):
+        raise StateError(f"slot {other} is not bootable: marking {slot} bad would leave nothing to boot")
+    if rec.pending == other and booted == other:
+        raise StateError(f"slot {other} is on trial and {slot} is its fallback: settle {other} first")
+    slots = {**rec.slots, slot: replace(rec.slots[slot], content=Content.BAD)}
+    pending = None if rec.pending == slot else rec.pending
+    activated_boot = rec.activated_boot if pending else None
+    env2 = BootEnv((other, slot), {**env.ok, slot: False}, {**env.tries, slot: 0})
+    return env2, replace(rec, slots=slots, pending=pending, activated_boot=activated_boot)

@@ -1,0 +1,77 @@
+"""The A/B test image, composed: parts built once per session, then one fresh disk per test."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pitstop.ota import grubenv
+
+from . import disk, grub, initramfs, kernel
+from .disk import Layout
+
+# Both slots get the same filesystem label and UUID, as two installs of one bundle would: GRUB must
+# find slots by partition, never by filesystem identity.
+SLOT_FS_LABEL = "rootfs"
+SLOT_FS_UUID = "5a5a5a5a-1111-4000-8000-000000000f50"
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What every disk is made of; built once (a few seconds)."""
+
+    layout: Layout
+    efi: Path
+    platform_cfg: Path
+    slot_good: Path  # ext4 slot image whose guest powers off (a healthy boot)
+    slot_bad: Path  # ext4 slot image whose guest panics (a failed boot): the update payload
+    data: Path
+
+
+def build_slot(workdir: Path, vmlinuz: Path, mode: str, size: int) -> Path:
+    tree = workdir / f"slot-{mode}"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    shutil.copyfile(vmlinuz, tree / "vmlinuz")
+    initramfs.build_initrd(tree / "initrd.img", mode)
+    return disk.make_ext4(workdir / f"slot-{mode}.ext4", size, tree, label=SLOT_FS_LABEL, uuid=SLOT_FS_UUID)
+
+
+def build_parts(workdir: Path, vmlinuz: Path, layout: Layout | None = None) -> Parts:
+    layout = layout or disk.ab_layout()
+    workdir.mkdir(parents=True, exist_ok=True)
+    slot_size = layout.part("rootfs_a").size
+    platform = workdir / "pitstop-platform.cfg"
+    platform.write_text(grub.platform_cfg(layout))
+    return Parts(
+        layout=layout,
+        efi=grub.build_efi(workdir / "BOOTX64.EFI"),
+        platform_cfg=platform,
+        slot_good=build_slot(workdir, vmlinuz, "good", slot_size),
+        slot_bad=build_slot(workdir, vmlinuz, "bad", slot_size),
+        data=disk.make_ext4(workdir / "data.ext4", layout.part("data").size, None, label="data",
+                            uuid="5a5a5a5a-2222-4000-8000-0000000000da"),
+    )
+
+
+def build_disk(out: Path, parts: Parts, env: dict[str, str] | None = None) -> Path:
+    """A fresh disk: slot a holds the good image, slot b is blank, grubenv is `env` (default: fresh)."""
+    work = out.parent
+    env_file = work / "grubenv.initial"
+    env_file.write_bytes(grubenv.encode(env if env is not None else grub.initial_env()))
+    esp = disk.make_vfat(work / "esp.vfat", parts.layout.part("esp").size, {
+        "EFI/BOOT/BOOTX64.EFI": parts.efi,
+        "EFI/BOOT/grub.cfg": grub.GRUB_CFG,
+        "EFI/BOOT/pitstop-platform.cfg": parts.platform_cfg,
+        grub.GRUBENV: env_file,
+    })
+    disk.assemble(out, parts.layout, {"esp": esp, "rootfs_a": parts.slot_good, "data": parts.data})
+    esp.unlink()
+    return out
+
+
+def guest_kernel() -> Path:
+    vmlinuz = kernel.find_kernel()
+    kernel.check_config(vmlinuz)
+    return vmlinuz

@@ -7,7 +7,7 @@ the environment uses each slot's boot name.
 
 from __future__ import annotations
 
-import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -89,32 +89,31 @@ class GrubEnvBackend:
 
 
 class UBootEnvBackend:
-    """Through libubootenv's `fw_printenv`/`fw_setenv`; with a redundant environment (two copies and a
-    flag byte), fw_setenv's update is atomic."""
+    """Through libubootenv's `fw_printenv`/`fw_setenv` (commands may carry options, e.g. `-c CONFIG`). With a
+    redundant environment (two copies and a flag byte), fw_setenv's update is atomic: all variables in
+    one script land together or not at all."""
 
     def __init__(self, printenv: str, setenv: str, slot_names: Mapping[str, str]) -> None:
-        self.printenv = printenv
-        self.setenv = setenv
+        self.printenv = shlex.split(printenv)
+        self.setenv = shlex.split(setenv)
         self.slot_names = dict(slot_names)
         self.boot_names = {b: s for s, b in slot_names.items()}
 
-    def _names(self) -> list[str]:
-        names = ["ORDER"]
-        for b in self.boot_names:
-            names += [f"{b}_OK", f"{b}_TRY"]
-        return names
-
     def read(self) -> BootEnv:
+        r = run([*self.printenv], check=False)
+        if r.returncode != 0:
+            raise BootEnvError(f"{self.printenv[0]} failed: {r.stderr.decode(errors='replace').strip()[:200]}")
         vars_: dict[str, str] = {}
-        for name in self._names():
-            r = run([self.printenv, "-n", name], check=False)
-            if r.returncode == 0:
-                vars_[name] = r.text.rstrip("\n")
+        for line in r.text.splitlines():
+            name, sep, value = line.partition("=")
+            if sep:
+                vars_[name] = value
         return env_from_vars(vars_, self.boot_names)
 
     def write(self, env: BootEnv) -> None:
-        script = "".join(f"{k} {v}\n" for k, v in vars_from_env(env, self.slot_names).items())
-        run([self.setenv, "-s", "-"], input=script.encode())
+        script = "".join(f"{k}={v}\n" for k, v in vars_from_env(env, self.slot_names).items())
+        crashpoint.hit("ubootenv-write")
+        run([*self.setenv, "-s", "/dev/stdin"], input=script.encode())
 
 
 def backend(cfg: SystemConfig) -> Bootloader:
@@ -123,4 +122,4 @@ def backend(cfg: SystemConfig) -> Bootloader:
     if bl.backend == "grub":
         assert bl.grubenv is not None
         return GrubEnvBackend(bl.grubenv, slot_names)
-    return UBootEnvBackend(os.path.expanduser(bl.fw_printenv), os.path.expanduser(bl.fw_setenv), slot_names)
+    return UBootEnvBackend(bl.fw_printenv, bl.fw_setenv, slot_names)

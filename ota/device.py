@@ -6,7 +6,10 @@ an order that is safe at every instant (docs/install.md, "Crash safety").
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +96,36 @@ class Device:
         env = self.bootloader.read()
         return env, self.store.load(env)
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One update command at a time per device (the CLI and the daemon may both try). Leftover temporary
+        files of a writer that was killed are removed once the lock is held."""
+        # The lock is on the data directory itself: taking it writes nothing, so a refused command
+        # leaves the data partition exactly as it was.
+        try:
+            fd = os.open(self.cfg.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StateError(f"data directory {self.cfg.data_dir}: {e.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError("another pitstop update command is running on this device") from None
+            self._remove_stale_temporaries()
+            yield
+        finally:
+            os.close(fd)
+
+    def _remove_stale_temporaries(self) -> None:
+        paths = [self.store.path]
+        grubenv = self.cfg.bootloader.grubenv
+        if grubenv is not None:
+            paths.append(grubenv)
+        for p in paths:
+            with contextlib.suppress(OSError):
+                for tmp in p.parent.glob(f".{p.name}.*.tmp"):
+                    tmp.unlink()
+
     # -- views and commands --------------------------------------------------------------------------------
 
     def status(self) -> DeviceStatus:
@@ -101,12 +134,22 @@ class Device:
         return DeviceStatus(st, state.payloads, state.pending_bundle, state.time_floor)
 
     def mark_good(self) -> DeviceStatus:
+        with self.locked():
+            self._mark_good()
+        return self.status()
+
+    def _mark_good(self) -> None:
         env, state = self.load()
         booted = self.booted()
         rec = state.record
-        new_env, new_rec = slot_state.mark_good(env, rec, booted, self.cfg.bootloader.tries)
-        if rec.pending == booted or (rec.pending is None and state.pending_bundle is not None):
+        new_env, new_rec = slot_state.mark_good(env, rec, booted, self.cfg.bootloader.tries, self.boot_id())
+        if new_rec.pending is not None:
+            pass  # an install in the other slot still waits for its reboot: its payload versions stay pending
+        elif rec.pending == booted or (rec.pending is None and state.pending_bundle is not None):
             state = _commit_payloads(state, state.pending_bundle)
+            # a model/files-only bundle's security_version, committed by _commit_payloads
+            floor = max(new_rec.committed_security_version, state.record.committed_security_version)
+            new_rec = replace(new_rec, committed_security_version=floor)
         elif rec.pending is not None:
             state = _drop_pending_payloads(state)
         # Record first: the bootloader change is the one the next boot sees, so it goes last.
@@ -114,16 +157,20 @@ class Device:
         if new_env != env:
             self.bootloader.write(new_env)
         self.reconcile_links()
-        return self.status()
 
     def mark_bad(self, slot: str | None = None) -> DeviceStatus:
+        with self.locked():
+            self._mark_bad(slot)
+        return self.status()
+
+    def _mark_bad(self, slot: str | None) -> None:
         env, state = self.load()
         booted = self.booted()
         if slot is None and state.record.pending is None and state.pending_bundle is not None:
             state = _drop_pending_payloads(state)  # a model/files-only install: back to the previous versions
             self.store.save(state)
             self.reconcile_links()
-            return self.status()
+            return
         target = slot or booted
         if target is None:
             raise StateError("cannot tell which slot is booted; name the slot to mark bad")
@@ -135,7 +182,6 @@ class Device:
         self.store.save(replace(state, record=new_rec))
         self.bootloader.write(new_env)
         self.reconcile_links()
-        return self.status()
 
     def reconcile_links(self) -> None:
         """Point each model/files target at the version the state says is live now: a pending version once

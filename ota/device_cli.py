@@ -12,7 +12,7 @@ from pitstop.errors import UsageError
 from pitstop.ota import system_config
 from pitstop.ota.device import Device, DeviceStatus
 from pitstop.ota.http_source import HttpOptions
-from pitstop.ota.installer import InstallProgress, Installer
+from pitstop.ota.installer import Installer, InstallProgress
 from pitstop.progress import Progress
 
 

@@ -1,7 +1,8 @@
 """GRUB's environment block (`grubenv`): the exact format `grub-editenv` writes and GRUB's `save_env` rewrites.
 
 A fixed 1024-byte file: the signature line, `name=value` lines (backslash escapes `\\` and a newline), then
-`#` padding. GRUB rewrites it in place through a block list, so it must never change size.
+`#` padding; lines starting with `#` are comments, as GRUB reads them. GRUB rewrites the file in place
+through a block list, so it must never change size.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ def decode(block: bytes) -> dict[str, str]:
         raise BootEnvError("grubenv lacks the GRUB environment block signature (torn or foreign write)")
     env: dict[str, str] = {}
     pos = len(SIGNATURE)
-    while pos < SIZE and block[pos] != ord("#"):
+    while pos < SIZE:
+        if block[pos] == ord("#"):
+            nl = block.find(b"\n", pos)
+            if nl < 0:
+                break  # the padding: '#' to the end
+            pos = nl + 1  # a comment line, e.g. Debian grub-editenv's "# WARNING: Do not edit …"
+            continue
         line = bytearray()
         while True:
             if pos >= SIZE:

@@ -7,6 +7,7 @@ exponentially and start over after progress; a server that ignores Range is read
 
 from __future__ import annotations
 
+import http.client
 import logging
 import re
 import time
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_SSL_REASON = re.compile(r"'(?:\[SSL: \w+\] )?([^'(]+?) \(_ssl\.c")
 
 
 class DownloadError(PitstopError):
@@ -50,12 +52,15 @@ class HttpOptions:
 class HttpSource:
     """A forward-only, read()-able bundle at `url`."""
 
-    def __init__(self, url: str, opts: HttpOptions = HttpOptions(), *, session: requests.Session | None = None) -> None:
+    def __init__(self, url: str, opts: HttpOptions | None = None, *, session: requests.Session | None = None) -> None:
         self.url = url
-        self.opts = opts
+        self.opts = opts = opts or HttpOptions()
         self.session = session or requests.Session()
         self.session.headers.update(dict(opts.headers))
-        self.session.verify = str(opts.ca) if opts.ca else True
+        # Passed with each request too: a session-wide `verify` loses to $REQUESTS_CA_BUNDLE/$CURL_CA_BUNDLE,
+        # which would silently replace the configured CA.
+        self._verify: str | bool = str(opts.ca) if opts.ca else True
+        self.session.verify = self._verify
         if opts.client_cert:
             self.session.cert = (str(opts.client_cert), str(opts.client_key)) if opts.client_key else str(
                 opts.client_cert)
@@ -90,7 +95,7 @@ class HttpSource:
                 if self._raw is None:
                     self._connect()
                 crashpoint.hit("download")
-                data: bytes = self._raw.read(min(n, 1 << 20))
+                data: bytes = self._raw.read1(min(n, 1 << 20))
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, _Dropped) as e:
                 self._close_response()
                 failures += 1
@@ -129,7 +134,7 @@ class HttpSource:
     def _connect(self) -> None:
         headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
         self.connections += 1
-        resp = self.session.get(self.url, headers=headers, stream=True,
+        resp = self.session.get(self.url, headers=headers, stream=True, verify=self._verify,
                                 timeout=(self.opts.connect_timeout, self.opts.read_timeout))
         if resp.status_code in _RETRYABLE_STATUS:
             resp.close()
@@ -187,11 +192,20 @@ class _Dropped(Exception):
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, requests.exceptions.SSLError):
-        return "TLS verification failed"
+        # OpenSSL's reason tells an untrusted server from a refused client certificate.
+        m = _SSL_REASON.search(str(e))
+        return f"TLS failed: {m[1]}" if m else "TLS failed"
     if isinstance(e, requests.exceptions.ConnectTimeout | requests.exceptions.ReadTimeout):
         return "timed out"
     if isinstance(e, requests.exceptions.ConnectionError):
         return "connection failed"
+    if isinstance(e, urllib3.exceptions.ProtocolError):  # raised by the body's reads, not wrapped by requests
+        cause = e.args[1] if len(e.args) > 1 else None
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"connection broken: {cause.strerror.lower()}"
+        if isinstance(cause, urllib3.exceptions.IncompleteRead | http.client.IncompleteRead):
+            return "connection closed before the end of the response"
+        return "connection broken"
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     return text[:200]
 

@@ -39,7 +39,7 @@ from pitstop.ota.bundle_reader import (
     read_layout,
 )
 from pitstop.ota.device import Device, record_dir
-from pitstop.ota.device_state import DeviceState, Versions
+from pitstop.ota.device_state import Versions
 from pitstop.ota.errors import BundleError, PayloadError
 from pitstop.ota.http_source import HttpOptions, HttpSource, is_url
 from pitstop.ota.keyring import load_keyring
@@ -119,15 +119,19 @@ def _bundle_info(vp: VerifiedPreamble, source: str) -> dict[str, Any]:
 
 
 class Installer:
-    def __init__(self, cfg: SystemConfig, *, http: HttpOptions = HttpOptions(), progress: ProgressFn | None = None,
+    def __init__(self, cfg: SystemConfig, *, http: HttpOptions | None = None, progress: ProgressFn | None = None,
                  limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> None:
         self.cfg = cfg
         self.device = Device(cfg)
-        self.http = http
+        self.http = http or HttpOptions()
         self.progress = progress
         self.limits = limits
 
     def install(self, source: str, *, activate: bool = True) -> InstallResult:
+        with self.device.locked():
+            return self._install(source, activate)
+
+    def _install(self, source: str, activate: bool) -> InstallResult:
         dev = self.device
         env, state = dev.load()
         booted = dev.booted()
@@ -144,11 +148,13 @@ class Installer:
                 raise BundleError("bundle has no payloads")
             target: str | None = None
             new_env, rec = env, state.record
+            # A model/files-only install awaiting commit is live already: a rootfs install would forget it
+            # while its links still point at it. (A pending rootfs install may be overwritten: begin_install.)
+            if state.pending_bundle is not None or (not rootfs and state.record.pending is not None):
+                raise StateError("another install awaits commit: mark-good or mark-bad first")
             if rootfs:
                 target, new_env, rec = slot_state.begin_install(env, state.record, booted)
                 slot_device.check_target(self.cfg.slot(target).device, rootfs[0].size)
-            elif state.record.pending is not None or state.pending_bundle is not None:
-                raise StateError("another install awaits commit: mark-good or mark-bad first")
             for p in trees:
                 dev.payloads.check_live(p.target)
             if f.seekable():
@@ -157,9 +163,11 @@ class Installer:
             # First write. Pending model/files versions of an interrupted install are dropped with it.
             state = replace(state, record=rec, payloads=_without_pending(state.payloads), pending_rootfs=False,
                             pending_bundle=None)
-            dev.store.save(state)
+            # An activated but not yet booted target is deactivated before its record says "writing": a
+            # reboot in between must not boot it while it is being overwritten.
             if new_env != env:
                 dev.bootloader.write(new_env)
+            dev.store.save(state)
             written, indexes = self._write_payloads(f, m, target)
             expect_eof(f)
             bytes_read = int(getattr(f, "bytes_received", f.tell()))

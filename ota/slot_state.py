@@ -136,8 +136,13 @@ def phase(env: BootEnv, rec: Record, booted: str | None, boot_id: str | None) ->
         return Phase.INSTALLED
     # Activated earlier; we are not running it. Still primary with tries and no reboot since: waiting.
     # Anything else (tries spent, a reboot that landed elsewhere, flags cleared) means it was tried and failed.
-    waiting = env.primary == p and env.bootable(p) and env.tries.get(p, 0) > 0 and boot_id == rec.activated_boot
-    return Phase.ACTIVATED if waiting else Phase.ROLLED_BACK
+    switched = env.primary == p and env.bootable(p)
+    if boot_id == rec.activated_boot:
+        if not switched:
+            return Phase.INSTALLED  # the boot switch never landed (power failed between record and switch)
+        if env.tries.get(p, 0) > 0:
+            return Phase.ACTIVATED
+    return Phase.ROLLED_BACK
 
 
 def status(env: BootEnv, rec: Record, booted: str | None, boot_id: str | None) -> Status:
@@ -161,15 +166,22 @@ def _need_booted(rec: Record, booted: str | None) -> str:
 def begin_install(env: BootEnv, rec: Record, booted: str | None) -> tuple[str, BootEnv, Record]:
     """Choose the target (the slot not booted) and record it as being written.
 
-    The boot configuration stays as it is, with one exception: if the target is what the bootloader would
-    boot next (an activated install not yet booted), it is deactivated first, or a reboot mid-write would
-    boot a half-written slot.
+    The target loses its OK flag and tries before a byte is written: a half-written slot must be neither the
+    next boot (an activated install not yet booted) nor the fallback (GRUB goes there when the running slot's
+    tries run out or its kernel does not load). The running slot goes first in ORDER. If the target has no OK
+    flag and the running slot is the next boot already, the boot configuration stays as it is.
+
+    Refused while the booted slot runs an install not committed yet, and when the target is the only bootable
+    slot (the running one was marked bad or failed): overwriting it would leave nothing to boot.
     """
     booted = _need_booted(rec, booted)
     if rec.pending == booted:
         raise StateError(f"slot {booted} runs an update that is not committed yet: mark-good or mark-bad first")
     target = _other(rec, booted)
-    if env.next_boot() == target:
+    if env.bootable(target) and not env.bootable(booted):
+        raise StateError(f"slot {booted} is not bootable and {target} is the only slot that is: installing would "
+                         f"overwrite it; reboot into {target} first")
+    if env.next_boot() != booted or env.ok.get(target, False):  # (no next boot: GRUB's default ORDER is "a b")
         env = BootEnv((booted, target), {**env.ok, target: False}, {**env.tries, target: 0})
     slots = {**rec.slots, target: SlotRecord(Content.WRITING)}
     return target, env, replace(rec, slots=slots, pending=None, activated_boot=None)
@@ -184,28 +196,53 @@ def finish_install(rec: Record, target: str, bundle: dict[str, Any]) -> Record:
 
 
 def activate(env: BootEnv, rec: Record, target: str, tries: int, boot_id: str) -> tuple[BootEnv, Record]:
-    """Make the installed target primary with `tries` attempts; the other slot stays as fallback."""
+    """Make the installed target primary with `tries` attempts; the other slot stays as fallback.
+
+    A fallback with its OK flag gets at least `tries` tries too: with none left (the running slot booted
+    without being marked good since), GRUB's last resort, the first OK slot in ORDER, would be the new slot
+    forever once it has spent its tries, and a failing update would never roll back.
+    """
     if rec.pending != target or rec.slots[target].content != Content.INSTALLED:
         raise StateError(f"slot {target} holds no verified install to activate")
-    new_env = BootEnv((target, _other(rec, target)), {**env.ok, target: True}, {**env.tries, target: tries})
-    return new_env, replace(rec, activated_boot=boot_id)
+    old = _other(rec, target)
+    new_ok = {**env.ok, target: True}
+    new_tries = {**env.tries, target: tries}
+    if rec.slots[old].content in (Content.WRITING, Content.BAD):
+        new_ok[old], new_tries[old] = False, 0  # a stale OK flag: never a fallback
+    elif env.ok.get(old, False):
+        new_tries[old] = max(env.tries.get(old, 0), tries)
+    return BootEnv((target, old), new_ok, new_tries), replace(rec, activated_boot=boot_id)
 
 
-def mark_good(env: BootEnv, rec: Record, booted: str | None, tries: int) -> tuple[BootEnv, Record]:
+def mark_good(env: BootEnv, rec: Record, booted: str | None, tries: int,
+              boot_id: str | None = None) -> tuple[BootEnv, Record]:
     """The booted slot passed its health checks: primary again with full tries. If it was the pending slot,
-    the install is committed and its security_version becomes the floor; if the other slot was pending, that
-    one failed and is marked bad (the rollback is settled)."""
+    the install is committed and its security_version becomes the floor; if the other slot was pending and
+    was tried, that one failed and is marked bad (the rollback is settled). The other slot keeps its flags
+    unless it is recorded as being written or bad: then it loses its OK flag.
+
+    An install in the other slot that has not been tried yet (phase installed or activated: same boot as its
+    activation) is left pending and, if activated, primary: marking the running slot good refreshes only its
+    own tries, so the daemon's routine health commit does not cancel an update waiting for its reboot."""
     booted = _need_booted(rec, booted)
     cur = rec.slots[booted]
     if cur.content in (Content.WRITING, Content.BAD):
         raise StateError(f"slot {booted} is recorded as {cur.content.value}; it cannot be marked good")
     other = _other(rec, booted)
+    waiting = phase(env, rec, booted, boot_id) in (Phase.INSTALLED, Phase.ACTIVATED)
+    if rec.pending == other and rec.slots[other].content == Content.INSTALLED and waiting:
+        order = env.order if env.order and env.primary == other and env.bootable(other) else (booted, other)
+        slots = {**rec.slots, booted: replace(cur, content=Content.GOOD)}
+        return (BootEnv(order, {**env.ok, booted: True}, {**env.tries, booted: tries}),
+                replace(rec, slots=slots))
     slots = dict(rec.slots)
     ok = {**env.ok, booted: True}
     tries_left = {**env.tries, booted: tries}
     floor = rec.committed_security_version
     if rec.pending == other:
         slots[other] = replace(slots[other], content=Content.BAD)
+    if slots[other].content in (Content.WRITING, Content.BAD):
+        # the failed install, or a stale OK flag on a slot whose write was interrupted: never a fallback
         ok[other] = False
         tries_left[other] = 0
     if rec.pending == booted:
@@ -216,14 +253,16 @@ def mark_good(env: BootEnv, rec: Record, booted: str | None, tries: int) -> tupl
 
 def mark_bad(env: BootEnv, rec: Record, booted: str | None, slot: str) -> tuple[BootEnv, Record]:
     """Never boot `slot` again until something new is installed into it. Refused if that would leave no
-    bootable slot, or would drop the fallback of a slot still on trial."""
+    bootable slot, or would drop the fallback of an install not committed yet (activated, on trial or
+    rolled back): an unproven slot must never be the only one left."""
     if slot not in rec.slots:
         raise StateError(f"no slot named {slot!r}")
     other = _other(rec, slot)
     if not env.bootable(other) or rec.slots[other].content in (Content.WRITING, Content.BAD):
         raise StateError(f"slot {other} is not bootable: marking {slot} bad would leave nothing to boot")
-    if rec.pending == other and booted == other:
-        raise StateError(f"slot {other} is on trial and {slot} is its fallback: settle {other} first")
+    if rec.pending == other:
+        raise StateError(f"slot {other} holds an install not committed yet and {slot} is its fallback: "
+                         f"settle {other} first")
     slots = {**rec.slots, slot: replace(rec.slots[slot], content=Content.BAD)}
     pending = None if rec.pending == slot else rec.pending
     activated_boot = rec.activated_boot if pending else None

@@ -66,6 +66,9 @@ class SystemConfig:
         return self.data_dir / "pitstop"
 
 
+_KIND_NAMES: dict[type, str] = {int: "a whole number", str: "a string"}
+
+
 def _take(table: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
     if key not in table:
         if default is ...:
@@ -73,7 +76,7 @@ def _take(table: dict[str, Any], key: str, kind: type, where: str, default: Any 
         return default
     value = table.pop(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key!r} must be a {kind.__name__}")
+        raise ConfigError(f"{where}: {key!r} must be {_KIND_NAMES.get(kind, kind.__name__)}")
     return value
 
 

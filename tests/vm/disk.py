@@ -99,7 +99,7 @@ def make_ext4(out: Path, size: int, src: Path | None, *, label: str, uuid: str) 
     out.unlink(missing_ok=True)
     cmd = ["mkfs.ext4", "-q", "-F", "-L", label, "-U", uuid, "-E", f"hash_seed={uuid}", *ext4_features()]
     if src is not None:
-        cmd += ["-d", src]
+        cmd += ["-d", str(src)]
     run([*cmd, out, f"{size // 1024}k"])
     return out
 
@@ -154,6 +154,16 @@ def write_esp_file(disk: Path, layout: Layout, name: str, src: Path) -> None:
     run(["mcopy", "-o", "-i", f"{disk}@@{layout.part('esp').start}", src, f"::/{name}"], env=MTOOLS_ENV)
 
 
+def delete_esp_file(disk: Path, layout: Layout, name: str) -> None:
+    run(["mdel", "-i", f"{disk}@@{layout.part('esp').start}", f"::/{name}"], env=MTOOLS_ENV)
+
+
+def read_partition(disk: Path, part: Partition, length: int | None = None) -> bytes:
+    with disk.open("rb") as f:
+        f.seek(part.start)
+        return f.read(part.size if length is None else length)
+
+
 # --- loop devices and the ESP, for tests in which the installer writes real block devices ----------------
 
 
@@ -193,3 +203,18 @@ def esp_mounted(disk: Path, layout: Layout, files: tuple[str, ...] = ("EFI/BOOT/
         yield mnt
         for name in files:
             write_esp_file(disk, layout, name, mnt / name)
+
+
+
+@dataclass(frozen=True)
+class Attached:
+    devices: dict[str, Path]  # slot name (a, b) -> loop device of rootfs_<slot>
+    esp: Path  # the ESP as a directory (see esp_mounted)
+
+
+@contextlib.contextmanager
+def attached(disk: Path, layout: Layout) -> Iterator[Attached]:
+    """Both slots of `disk` as loop devices and its ESP as a directory; all undone on exit, even on failure."""
+    with contextlib.ExitStack() as stack:
+        devices = {slot: stack.enter_context(loop_device(disk, layout.part(f"rootfs_{slot}"))) for slot in ("a", "b")}
+        yield Attached(devices, stack.enter_context(esp_mounted(disk, layout)))

@@ -5,13 +5,12 @@ The configs are the project's own (``ota/grub/``); docs/grub.md documents them a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 from pitstop.ota import grubenv
 from pitstop.runner import run
 
-from .disk import Layout, read_esp_file, write_esp_file
+from .disk import Layout, read_esp_file
 
 REPO = Path(__file__).resolve().parents[2]
 GRUB_DIR = REPO / "ota" / "grub"
@@ -55,8 +54,3 @@ def initial_env() -> dict[str, str]:
 
 def read_env(disk: Path, layout: Layout) -> dict[str, str]:
     return grubenv.decode(read_esp_file(disk, layout, GRUBENV))
-
-
-def write_env(disk: Path, layout: Layout, env: Mapping[str, str], scratch: Path) -> None:
-    scratch.write_bytes(grubenv.encode(env))
-    write_esp_file(disk, layout, GRUBENV, scratch)

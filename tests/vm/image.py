@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,10 @@ from pitstop.ota import grubenv
 
 from . import disk, grub, initramfs, kernel
 from .disk import Layout
+from .qemu import Line
+
+GRUB_BOOTING = re.compile(r"pitstop-grub: booting slot (\w+)")
+GUEST_MARKER = re.compile(r"PITSTOP-SLOT=(\w+) MODE=(\w+)")
 
 # Both slots get the same filesystem label and UUID, as two installs of one bundle would: GRUB must
 # find slots by partition, never by filesystem identity.
@@ -75,3 +80,36 @@ def guest_kernel() -> Path:
     vmlinuz = kernel.find_kernel()
     kernel.check_config(vmlinuz)
     return vmlinuz
+
+
+@dataclass(frozen=True)
+class Boot:
+    """One boot as the serial log shows it; times in seconds since QEMU started."""
+
+    slot: str
+    mode: str
+    started: float  # QEMU start, or the previous guest's report (its reset follows at once)
+    grub: float  # GRUB printed its choice
+    guest: float  # the guest reported its slot
+
+    @property
+    def seconds(self) -> float:
+        return self.guest - self.started
+
+
+def boots(lines: list[Line]) -> list[Boot]:
+    out: list[Boot] = []
+    started, grub_at = 0.0, 0.0
+    for ln in lines:
+        if GRUB_BOOTING.search(ln.text):
+            grub_at = ln.t
+        elif m := GUEST_MARKER.search(ln.text):
+            out.append(Boot(m[1], m[2], started, grub_at, ln.t))
+            started = ln.t
+    return out
+
+
+def boot_report(found: list[Boot]) -> str:
+    rows = [f"  boot {i}: slot {b.slot} ({b.mode}) {b.seconds:5.1f} s: GRUB chose at +{b.grub - b.started:4.1f} s, "
+            f"guest up at +{b.guest - b.started:4.1f} s" for i, b in enumerate(found, start=1)]
+    return "\n".join(rows)

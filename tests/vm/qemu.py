@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 QEMU = "qemu-system-x86_64"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -51,14 +52,18 @@ def _clean(raw: bytes) -> str:
 
 
 class Vm:
-    """``with Vm(disk, workdir) as vm: vm.wait_for(r"PITSTOP-SLOT=a"); vm.wait_exit(60)``."""
+    """``with Vm(disk, workdir, limit=120) as vm: vm.wait_for(r"PITSTOP-SLOT=a", 60); vm.wait_exit(60)``.
 
-    def __init__(self, disk: Path, workdir: Path, *, name: str = "vm") -> None:
+    `limit` is the hard cap on the VM's whole life: no wait runs past it, whatever its own timeout.
+    """
+
+    def __init__(self, disk: Path, workdir: Path, *, name: str = "vm", limit: float = 300.0) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.vars = workdir / f"{name}-OVMF_VARS.fd"
         shutil.copyfile(OVMF_VARS, self.vars)  # fresh firmware variables per run (notes, pitfall 10)
         self.argv = qemu_argv(disk, self.vars)
         self.log_path = workdir / f"{name}-serial.log"
+        self.limit = limit
         self.lines: list[Line] = []
         self._partial = b""
         self._cond = threading.Condition()
@@ -66,20 +71,26 @@ class Vm:
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._t0 = 0.0
+        self._log: TextIO | None = None
 
     def __enter__(self) -> Vm:
         self._t0 = time.monotonic()
         self._log = self.log_path.open("w", encoding="utf-8")
         self._log.write(f"# {shlex.join(self.argv)}\n")
-        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            self._log.close()
+            raise
         self._reader = threading.Thread(target=self._read, name="vm-serial", daemon=True)
         self._reader.start()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.kill()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
     @property
     def elapsed(self) -> float:
@@ -107,8 +118,9 @@ class Vm:
     def _add(self, raw: bytes) -> None:
         line = Line(round(self.elapsed, 2), _clean(raw))
         self.lines.append(line)
-        self._log.write(f"[{line.t:7.2f}] {line.text}\n")
-        self._log.flush()
+        if self._log is not None:
+            self._log.write(f"[{line.t:7.2f}] {line.text}\n")
+            self._log.flush()
 
     def tail(self, n: int = 40) -> str:
         with self._cond:
@@ -117,6 +129,9 @@ class Vm:
                 text.append(f"[partial] {_clean(self._partial)}")
         return "\n".join(text)
 
+    def _timeout(self, timeout: float) -> float:
+        return max(0.0, min(timeout, self.limit - self.elapsed))
+
     def fail(self, what: str) -> VmError:
         return VmError(f"{what} ({self.elapsed:.1f} s after start; log {self.log_path}); serial tail:\n{self.tail()}")
 
@@ -124,7 +139,7 @@ class Vm:
         """The first line at index >= `start` matching `pattern`, with its index; VmError after `timeout` s
         or when QEMU exits first."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self._timeout(timeout)
         i = start
         with self._cond:
             while True:
@@ -136,17 +151,17 @@ class Vm:
                 if self._eof:
                     raise self.fail(f"QEMU exited before printing /{pattern}/")
                 if left <= 0:
-                    raise self.fail(f"no /{pattern}/ within {timeout:.0f} s")
+                    raise self.fail(f"no /{pattern}/ within {timeout:.0f} s (VM limit {self.limit:.0f} s)")
                 self._cond.wait(left)
 
     def wait_exit(self, timeout: float) -> int:
         """QEMU's exit status once it exits by itself (guest power-off); VmError (and kill) after `timeout` s."""
         assert self._proc is not None
         try:
-            rc = self._proc.wait(timeout)
+            rc = self._proc.wait(self._timeout(timeout))
         except subprocess.TimeoutExpired:
             self.kill()
-            raise self.fail(f"QEMU still running after {timeout:.0f} s") from None
+            raise self.fail(f"QEMU still running after {timeout:.0f} s (VM limit {self.limit:.0f} s)") from None
         if self._reader is not None:
             self._reader.join(10)
         return rc

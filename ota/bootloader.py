@@ -67,17 +67,20 @@ class GrubEnvBackend:
         except OSError as e:
             raise BootEnvError(f"{self.path}: cannot read the GRUB environment: {e.strerror}") from None
         try:
-            return grubenv.decode(block)
+            vars_ = grubenv.decode(block)
+            grubenv.check_generation(vars_)
         except BootEnvError as e:
             raise BootEnvError(f"{self.path}: {e.message}") from None
+        return vars_
 
     def read(self) -> BootEnv:
         return env_from_vars(self.read_vars(), self.boot_names)
 
     def write(self, env: BootEnv) -> None:
         vars_ = self.read_vars()  # keep variables that are not ours
+        generation = grubenv.check_generation(vars_) + 1
         vars_.update(vars_from_env(env, self.slot_names))
-        block = grubenv.encode(vars_)
+        block = grubenv.encode(grubenv.with_generation(vars_, generation))
         # Whole new file, then rename: the visible grubenv is always one complete block, old or new.
         # (The rename gives the file new blocks; GRUB finds them afresh at each save_env.)
         with atomic_file(self.path) as f:

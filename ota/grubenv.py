@@ -71,3 +71,31 @@ def decode(block: bytes) -> dict[str, str]:
     if block[pos:].strip(b"#"):
         raise BootEnvError("grubenv has data after its padding (torn or foreign write)")
     return env
+
+
+# pitstop brackets its variables with a generation number, first and last in the block. GRUB ignores them
+# and its own save_env rewrites single TRY digits in place, leaving both untouched; but a block torn by any
+# in-place multi-variable write (a foreign tool, a FAT rename that went wrong) has new bytes up to the tear
+# and old bytes after it, so the two numbers differ and the block is refused instead of read as a mix.
+GEN_HEAD = "pitstop_gen"
+GEN_TAIL = "pitstop_gen_end"
+
+
+def check_generation(env: dict[str, str]) -> int:
+    """The block's generation (0 when it has no markers: written by grub-editenv or the image builder);
+    BootEnvError when the markers disagree."""
+    head, tail = env.get(GEN_HEAD), env.get(GEN_TAIL)
+    if head is None and tail is None:
+        return 0
+    if head != tail or head is None or not head.isdigit():
+        raise BootEnvError(f"grubenv generation markers disagree ({head} / {tail}): torn write")
+    keys = list(env)
+    if keys[0] != GEN_HEAD or keys[-1] != GEN_TAIL:
+        raise BootEnvError("grubenv generation markers are not first and last: torn or foreign write")
+    return int(head)
+
+
+def with_generation(env: dict[str, str], generation: int) -> dict[str, str]:
+    """`env` bracketed by the markers of `generation` (any old markers dropped)."""
+    body = {k: v for k, v in env.items() if k not in (GEN_HEAD, GEN_TAIL)}
+    return {GEN_HEAD: str(generation), **body, GEN_TAIL: str(generation)}

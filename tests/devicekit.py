@@ -35,7 +35,10 @@ class TestDevice:
         return load(self.config_path)
 
     def env(self) -> dict[str, str]:
-        return grubenv.decode(self.grubenv.read_bytes())
+        """The boot variables, without pitstop's generation markers (tests/test_grubenv.py covers those)."""
+        env = grubenv.decode(self.grubenv.read_bytes())
+        grubenv.check_generation(env)
+        return {k: v for k, v in env.items() if k not in (grubenv.GEN_HEAD, grubenv.GEN_TAIL)}
 
     def set_env(self, **values: str) -> None:
         env = self.env()

@@ -622,7 +622,7 @@ def table(r: dict[str, Any]) -> str:
     lines = [
         f"install  {r['date']}  payload {human(size)} ({size} bytes), best of {r['runs']} runs, page cache warm",
         f"machine  {m['cpu']}, {m['cores']} cores, {human(m['memory_bytes'])} RAM, Linux {m['kernel']}, "
-        f"Python {m['python']}; load average {load[0]} before, {load[1]} after",
+        f"Python {m['python']}; load average {load[0]} before the runs",
         f"tools    {r['tools']['cat']}; {r['tools']['pitstop']}",
         f"payload  {kinds} ({pay['corpus_files']} real files; seed {pay['seed']}); bundle "
         f"{human(r['bundle_size'])}, ratio {r['bundle_ratio']}x, {r['bundle_chunks']} chunks",

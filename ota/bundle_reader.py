@@ -220,12 +220,16 @@ class PayloadStream:
     """
 
     def __init__(self, f: BinaryIO, payload: Payload, layout: PayloadLayout, pool: ThreadPoolExecutor,
-                 *, keep_frames: bool = False) -> None:
+                 *, keep_frames: bool = False, compressed_hash: bool = True) -> None:
         self._f = f
         self.payload = payload
         self.layout = layout
         self._pool = pool
         self._keep_frames = keep_frames
+        # The hash of the compressed frames adds nothing to what is written once every chunk matches its id
+        # in the signed index; `bundle verify` keeps it as a check of the whole file, the installer (which
+        # prescans local files for it) drops it.
+        self._compressed_hash = compressed_hash
         self.frames: list[bytes] = []
 
     def _batches(self) -> Iterator[tuple[list[bytes], list[int], list[bytes]]]:
@@ -254,7 +258,8 @@ class PayloadStream:
         with ThreadPoolExecutor(1, thread_name_prefix="hash") as hasher:
             try:
                 for frames, lengths, ids in self._batches():
-                    last_hash = hasher.submit(_update_all, data_hash, frames)
+                    if self._compressed_hash:
+                        last_hash = hasher.submit(_update_all, data_hash, frames)
                     pending.append(self._pool.submit(_decompress_batch, frames, lengths, ids, p.chunk_digest))
                     if self._keep_frames:
                         self.frames.extend(frames)
@@ -271,7 +276,7 @@ class PayloadStream:
                     fut.cancel()
             if last_hash is not None:
                 last_hash.result()
-        if data_hash.hexdigest() != p.data.sha256:
+        if self._compressed_hash and data_hash.hexdigest() != p.data.sha256:
             raise PayloadError(f"compressed data of payload {p.name!r} does not match the signed manifest")
         if full.hexdigest() != p.sha256:
             raise PayloadError(f"payload {p.name!r} does not match its SHA-256 in the signed manifest")

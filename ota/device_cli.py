@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
     p.add_argument("source", help="bundle file or http(s):// URL")
     _add_config_arg(p)
     p.add_argument("--no-activate", action="store_true", help="write and record, but leave the boot order as is")
-    p.add_argument("--ca", type=Path, help="CA bundle for HTTPS (default: the system's)")
+    p.add_argument("--ca", type=Path, help="CA bundle for HTTPS (default: certifi's bundle, or $REQUESTS_CA_BUNDLE)")
     p.add_argument("--client-cert", type=Path, help="client certificate (PEM) for mutual TLS")
     p.add_argument("--client-key", type=Path, help="client key (PEM), if not inside --client-cert")
     p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra HTTP header")
@@ -70,11 +70,11 @@ def _headers(values: list[str]) -> tuple[tuple[str, str], ...]:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    cfg = system_config.load(args.config)
     try:
         headers = _headers(args.header)
     except argparse.ArgumentTypeError as e:
         raise UsageError(str(e)) from None
+    cfg = system_config.load(args.config)
     http = HttpOptions(ca=args.ca, client_cert=args.client_cert, client_key=args.client_key, headers=headers,
                        read_timeout=args.timeout, retries=args.retries, rate_limit=args.rate_limit)
     bar: Progress | None = None

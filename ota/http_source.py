@@ -37,7 +37,7 @@ class DownloadError(PitstopError):
 
 @dataclass(frozen=True)
 class HttpOptions:
-    ca: Path | None = None               # CA bundle for TLS verification (None: system CAs)
+    ca: Path | None = None               # CA bundle for TLS verification (None: requests' default bundle)
     client_cert: Path | None = None      # PEM with certificate (and key, unless client_key is given)
     client_key: Path | None = None
     headers: tuple[tuple[str, str], ...] = ()

@@ -49,6 +49,8 @@ from pitstop.ota.system_config import SystemConfig
 
 log = logging.getLogger(__name__)
 
+_WRITE_BATCH = 1 << 20  # one pwritev per ~1 MiB of chunks
+
 
 @dataclass(frozen=True)
 class InstallProgress:
@@ -213,7 +215,7 @@ class Installer:
             for p in m.payloads:
                 layout = read_layout(f, p, self.limits)
                 indexes[p.name] = layout.index_bytes
-                chunks = PayloadStream(f, p, layout, pool)
+                chunks = PayloadStream(f, p, layout, pool, compressed_hash=False)
                 self._report("write", p.name, done, total)
 
                 def counted(it: Iterator[bytes], name: str = p.name) -> Iterator[bytes]:
@@ -235,11 +237,16 @@ class Installer:
     def _write_slot(device: Path, chunks: Iterator[bytes]) -> None:
         fd = slot_device.open_for_write(device)
         try:
-            offset = 0
+            offset, batch, size = 0, [], 0
             for c in chunks:
-                slot_device.write_all(fd, c, offset)
-                offset += len(c)
+                batch.append(c)
+                size += len(c)
+                if size >= _WRITE_BATCH:
+                    slot_device.write_vector(fd, batch, offset)
+                    offset += size
+                    batch, size = [], 0
                 crashpoint.hit("slot-write")
+            slot_device.write_vector(fd, batch, offset)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +41,14 @@ class PayloadStore:
         d.mkdir(parents=True, exist_ok=True)
         final = d / version
         if final.exists():
-            shutil.rmtree(final)  # a re-install of the same payload: the content is identical anyway
+            # A re-install of the same payload (the id carries its hash): the stream is still consumed and
+            # verified into a scratch directory, but the existing copy, maybe live, is never removed.
+            scratch = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=d))
+            try:
+                yield scratch
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return
         with atomic_dir(final) as tmp:
             yield tmp
 
@@ -73,6 +81,6 @@ class PayloadStore:
         d = self.versions_dir(target)
         if not d.is_dir():
             return
-        for child in d.iterdir():
+        for child in d.iterdir():  # also staging leftovers (".<version>.*.tmp") of a killed install
             if child.name not in keep:
                 shutil.rmtree(child, ignore_errors=True)

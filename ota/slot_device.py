@@ -67,3 +67,15 @@ def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def write_vector(fd: int, parts: list[bytes], offset: int) -> None:
+    """pwritev of `parts` at `offset`, finishing any short write piecewise."""
+    if not parts:
+        return
+    total = sum(len(p) for p in parts)
+    n = os.pwritev(fd, parts, offset)
+    if n == total:
+        return
+    joined = b"".join(parts)
+    write_all(fd, memoryview(joined)[n:], offset + n)

@@ -14,6 +14,7 @@ from pitstop.ota.trust import ClockPolicy
 
 DEFAULT_PATH = Path("/etc/pitstop/system.toml")
 BACKENDS = ("grub", "uboot")
+GRUB_BOOT_NAMES = frozenset({"a", "b"})
 MAX_TRIES = 9  # the GRUB script counts down with an if-chain of single digits
 
 
@@ -157,6 +158,9 @@ def parse(text: str, path: Path) -> SystemConfig:
         raise ConfigError(f"{where}: data_dir and keyring must be absolute paths")
     if booted != "auto" and booted not in {s.name for s in slots}:
         raise ConfigError(f"{where}: booted_slot {booted!r} is not a slot name (or 'auto')")
+    if bootloader.backend == "grub" and {s.boot_name for s in slots} != GRUB_BOOT_NAMES:
+        raise ConfigError(f"{where}: with the grub backend the slots' boot names must be 'a' and 'b' "
+                          "(the names ota/grub/grub.cfg knows)")
     return SystemConfig(path, compatible, data_dir, keyring, clock, bootloader, slots,
                         None if booted == "auto" else booted, cmdline, boot_id)
 

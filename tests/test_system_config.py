@@ -132,6 +132,8 @@ INVALID: list[tuple[str, str, str]] = [
      "booted_slot 'c' is not a slot name (or 'auto')"),
     ("booted_slot a boot name", edit('name = "b"', 'name = "b"\nboot_name = "B"').replace(
         'clock = "floor"', 'clock = "floor"\nbooted_slot = "B"'), "booted_slot 'B' is not a slot name"),
+    ("grub boot name other than a/b", edit('name = "b"', 'name = "b"\nboot_name = "c"'),
+     "boot names must be 'a' and 'b'"),
 ]
 
 

@@ -8,6 +8,7 @@ Benchmarks are run as scripts (`.venv/bin/python benchmarks/NAME.py`), so this m
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import random
@@ -17,10 +18,12 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pitstop.progress import human_size
 
@@ -277,3 +280,22 @@ def write_fs_like_payload(path: Path, size: int, *, seed: int = 1, corpus: Seque
             emitted[kind] += len(extent)
             written += len(extent)
     return PayloadStats(size, emitted, nfiles, [str(d) for d in corpus], seed)
+
+
+def bench_main(name: str, args: Any, run: Callable[[Any, Path], dict[str, Any]],
+               table: Callable[[dict[str, Any]], str]) -> int:
+    """The shared driver: a fresh work directory (kept with --keep), run, print the table or --json."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"pitstop-bench-{name}-", dir=args.workdir))
+    try:
+        results = run(args, work)
+    except CommandFailed as e:
+        sys.stderr.write(f"{name}: could not measure: {e}\n")
+        return 1
+    finally:
+        if args.keep:
+            sys.stderr.write(f"work directory kept: {work}\n")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+    return 0

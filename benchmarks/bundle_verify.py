@@ -28,7 +28,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from _common import (
     CommandFailed,
     Sample,
     Timing,
+    bench_main,
     drop_file,
     human,
     machine,
@@ -258,24 +258,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pitstop-bench-", dir=args.workdir))
-    try:
-        results = run(args, work)
-    except CommandFailed as e:
-        sys.stderr.write(f"bundle_verify: could not measure: {e}\n")
-        return 1
-    finally:
-        if args.keep:
-            sys.stderr.write(f"work directory kept: {work}\n")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(table(results))
-    return 0
+    return bench_main("bundle_verify", parse_args(argv), run, table)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +66,7 @@ from _common import (
     CommandFailed,
     Sample,
     Timing,
+    bench_main,
     human,
     machine,
     parse_size,
@@ -679,24 +679,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pitstop-bench-install-", dir=args.workdir))
-    try:
-        results = run(args, work)
-    except CommandFailed as e:
-        sys.stderr.write(f"install: could not measure: {e}\n")
-        return 1
-    finally:
-        if args.keep:
-            sys.stderr.write(f"work directory kept: {work}\n")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(table(results))
-    return 0
+    return bench_main("install", parse_args(argv), run, table)
 
 
 if __name__ == "__main__":

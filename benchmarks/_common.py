@@ -299,3 +299,16 @@ def bench_main(name: str, args: Any, run: Callable[[Any, Path], dict[str, Any]],
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2) if args.json else table(results))
     return 0
+
+
+def pitstop_command(explicit: str | None) -> list[str]:
+    """The pitstop to measure: --pitstop, else the venv's script, else PATH, else `python -m`."""
+    if explicit:
+        return [explicit]
+    script = Path(sys.executable).parent / "pitstop"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("pitstop")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "pitstop.cli"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from _common import (
     human,
     machine,
     parse_size,
+    pitstop_command,
     repeat,
     require_tools,
     run_timed,
@@ -51,18 +51,6 @@ from _common import (
 )
 
 TARGET = 1.3
-
-
-def pitstop_command(explicit: str | None) -> list[str]:
-    if explicit:
-        return [explicit]
-    script = Path(sys.executable).parent / "pitstop"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("pitstop")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "pitstop.cli"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -70,6 +70,7 @@ from _common import (
     human,
     machine,
     parse_size,
+    pitstop_command,
     require_tools,
     run_timed,
     tool_version,
@@ -85,18 +86,6 @@ from pitstop.ota.bundle_reader import read_layout, read_preamble
 TARGET = 1.25
 COMPATIBLE = "pitstop-bench"
 _BLOCK = 8 << 20
-
-
-def pitstop_command(explicit: str | None) -> list[str]:
-    if explicit:
-        return [explicit]
-    script = Path(sys.executable).parent / "pitstop"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("pitstop")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "pitstop.cli"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

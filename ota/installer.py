@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -116,8 +117,20 @@ def _bundle_info(vp: VerifiedPreamble, source: str) -> dict[str, Any]:
     return {
         "version": m.version, "security_version": m.security_version, "compatible": m.compatible,
         "created": format_time(m.created), "manifest_sha256": hashlib.sha256(vp.preamble.manifest_bytes).hexdigest(),
-        "payloads": [p.name for p in m.payloads], "signer": vp.signer.subject, "source": source,
+        "payloads": [p.name for p in m.payloads], "signer": vp.signer.subject, "source": _recordable(source),
     }
+
+
+def _recordable(source: str) -> str:
+    """The source as the state file may keep it: absolute, and a URL without credentials or query (a
+    download token must not end up in state.json or `status --json`)."""
+    if not is_url(source):
+        return os.path.abspath(source)
+    u = urllib.parse.urlsplit(source)
+    host = u.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{u.port}" if u.port else host
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
 
 
 class Installer:

@@ -345,3 +345,14 @@ def test_rate_limit(tmp_path: Path, capsys: Any, keys: Keys, server: FileServer)
     assert_activated(dev, b)
     print(f"\nrate limit 1 MiB/s: {b.size} bytes in {elapsed:.2f} s")
     assert elapsed >= 1.5
+
+
+@pytest.mark.parametrize("given, recorded", [
+    ("https://user:secret@h.example:8443/b/x.pbd?token=abc#f", "https://h.example:8443/b/x.pbd"),
+    ("http://[::1]:8080/x.pbd?sig=1", "http://[::1]:8080/x.pbd"),
+    ("http://h.example/x.pbd", "http://h.example/x.pbd"),
+])
+def test_recorded_source_drops_credentials_and_query(given: str, recorded: str) -> None:
+    from pitstop.ota.installer import _recordable
+
+    assert _recordable(given) == recorded

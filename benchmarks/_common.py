@@ -312,3 +312,9 @@ def pitstop_command(explicit: str | None) -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "pitstop.cli"]
+
+
+def log(msg: str) -> None:
+    # Progress goes to stderr so that stdout is only the table (or the JSON).
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()

@@ -39,6 +39,7 @@ from _common import (
     bench_main,
     drop_file,
     human,
+    log,
     machine,
     parse_size,
     pitstop_command,
@@ -71,12 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     return args
-
-
-def log(msg: str) -> None:
-    # Progress goes to stderr so that stdout is only the table (or the JSON).
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stderr.flush()
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

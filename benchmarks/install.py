@@ -68,6 +68,7 @@ from _common import (
     Timing,
     bench_main,
     human,
+    log,
     machine,
     parse_size,
     pitstop_command,
@@ -113,12 +114,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.size < 1:
         p.error("--size must be positive")
     return args
-
-
-def log(msg: str) -> None:
-    # Progress goes to stderr so that stdout is only the table (or the JSON).
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
-    sys.stderr.flush()
 
 
 # --- the file-backed device -------------------------------------------------------------------------------

@@ -143,15 +143,15 @@ class Device:
         booted = self.booted()
         rec = state.record
         new_env, new_rec = slot_state.mark_good(env, rec, booted, self.cfg.bootloader.tries, self.boot_id())
-        if new_rec.pending is not None:
-            pass  # an install in the other slot still waits for its reboot: its payload versions stay pending
-        elif rec.pending == booted or (rec.pending is None and state.pending_bundle is not None):
-            state = _commit_payloads(state, state.pending_bundle)
-            # a model/files-only bundle's security_version, committed by _commit_payloads
-            floor = max(new_rec.committed_security_version, state.record.committed_security_version)
-            new_rec = replace(new_rec, committed_security_version=floor)
-        elif rec.pending is not None:
-            state = _drop_pending_payloads(state)
+        # An install in the other slot still waiting for its reboot keeps its payload versions pending.
+        waiting = new_rec.pending is not None
+        if not waiting and (rec.pending == booted or (rec.pending is None and state.pending_bundle is not None)):
+            if state.pending_bundle is not None:  # a model/files-only bundle: its security_version commits here
+                sv = int(state.pending_bundle.get("security_version", 0))
+                new_rec = replace(new_rec, committed_security_version=max(new_rec.committed_security_version, sv))
+            state = _commit_payloads(state)
+        elif not waiting and rec.pending is not None:
+            state = drop_pending_payloads(state)
         # Record first: the bootloader change is the one the next boot sees, so it goes last.
         self.store.save(replace(state, record=new_rec))
         if new_env != env:
@@ -167,7 +167,7 @@ class Device:
         env, state = self.load()
         booted = self.booted()
         if slot is None and state.record.pending is None and state.pending_bundle is not None:
-            state = _drop_pending_payloads(state)  # a model/files-only install: back to the previous versions
+            state = drop_pending_payloads(state)  # a model/files-only install: back to the previous versions
             self.store.save(state)
             self.reconcile_links()
             return
@@ -178,7 +178,7 @@ class Device:
             raise StateError(f"no slot named {target!r}")
         new_env, new_rec = slot_state.mark_bad(env, state.record, booted, target)
         if state.record.pending == target:
-            state = _drop_pending_payloads(state)
+            state = drop_pending_payloads(state)
         self.store.save(replace(state, record=new_rec))
         self.bootloader.write(new_env)
         self.reconcile_links()
@@ -194,16 +194,13 @@ class Device:
             self.payloads.prune(target, {x for x in (v.current, v.previous, v.pending) if x})
 
 
-def _commit_payloads(state: DeviceState, bundle: dict[str, Any] | None) -> DeviceState:
+def _commit_payloads(state: DeviceState) -> DeviceState:
     payloads = {t: Versions(v.pending, v.current, None) if v.pending else v for t, v in state.payloads.items()}
-    rec = state.record
-    if bundle is not None:
-        sv = int(bundle.get("security_version", 0))
-        rec = replace(rec, committed_security_version=max(rec.committed_security_version, sv))
-    return replace(state, record=rec, payloads=payloads, pending_rootfs=False, pending_bundle=None)
+    return replace(state, payloads=payloads, pending_rootfs=False, pending_bundle=None)
 
 
-def _drop_pending_payloads(state: DeviceState) -> DeviceState:
+def drop_pending_payloads(state: DeviceState) -> DeviceState:
+    """Forget pending model/files versions (the live links go back to the committed ones at reconcile)."""
     payloads = {t: Versions(v.current, v.previous, None) for t, v in state.payloads.items()
                 if v.current or v.previous}
     return replace(state, payloads=payloads, pending_rootfs=False, pending_bundle=None)

@@ -7,7 +7,7 @@ the chunk index and manifest of each installed bundle sit beside it under `slots
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,3 @@ class StateStore:
         atomic_write(self.path, (json.dumps(state.to_json(), indent=2, sort_keys=True) + "\n").encode())
         crashpoint.hit("state-write")
 
-
-def with_record(state: DeviceState, record: Record) -> DeviceState:
-    return replace(state, record=record)

@@ -39,7 +39,7 @@ from pitstop.ota.bundle_reader import (
     payload_pool,
     read_layout,
 )
-from pitstop.ota.device import Device, record_dir
+from pitstop.ota.device import Device, drop_pending_payloads, record_dir
 from pitstop.ota.device_state import Versions
 from pitstop.ota.errors import BundleError, PayloadError
 from pitstop.ota.http_source import HttpOptions, HttpSource, is_url
@@ -176,8 +176,7 @@ class Installer:
                 self._report("check", None, 0, 1)
                 _prescan(f, m, self.limits)
             # First write. Pending model/files versions of an interrupted install are dropped with it.
-            state = replace(state, record=rec, payloads=_without_pending(state.payloads), pending_rootfs=False,
-                            pending_bundle=None)
+            state = replace(drop_pending_payloads(state), record=rec)
             # An activated but not yet booted target is deactivated before its record says "writing": a
             # reboot in between must not boot it while it is being overwritten.
             if new_env != env:
@@ -188,7 +187,7 @@ class Installer:
             bytes_read = int(getattr(f, "bytes_received", f.tell()))
         info = _bundle_info(vp, source)
         if target is not None:
-            self._save_slot_record(target, vp, indexes)
+            self._save_slot_record(target, vp, info["manifest_sha256"][:16], indexes)
             rec = slot_state.finish_install(state.record, target, info)
         payloads = dict(state.payloads)
         for p in trees:
@@ -198,21 +197,21 @@ class Installer:
         state = replace(state, record=rec, payloads=payloads, time_floor=floor, pending_rootfs=target is not None,
                         pending_bundle=None if target is not None else info)
         dev.store.save(state)
-        activated = False
-        if target is not None and activate:
-            activated = self.activate(target)
+        activated = target is not None and activate
+        if activated:
+            assert target is not None
+            self.activate(target)
         dev.reconcile_links()
         log.info("installed %s %s (%d bytes written)", m.version, f"into slot {target}" if target else "", written)
         return InstallResult(m, target, activated, bytes_read)
 
-    def activate(self, target: str) -> bool:
+    def activate(self, target: str) -> None:
         dev = self.device
         env, state = dev.load()
         new_env, rec = slot_state.activate(env, state.record, target, self.cfg.bootloader.tries, dev.boot_id())
         dev.store.save(replace(state, record=rec))
         crashpoint.hit("activate")
         dev.bootloader.write(new_env)
-        return True
 
     # -- payloads --------------------------------------------------------------------------------------------
 
@@ -264,12 +263,11 @@ class Installer:
         finally:
             os.close(fd)
 
-    def _save_slot_record(self, slot: str, vp: VerifiedPreamble, indexes: dict[str, bytes]) -> None:
+    def _save_slot_record(self, slot: str, vp: VerifiedPreamble, name: str, indexes: dict[str, bytes]) -> None:
         """Keep the manifest, signature and chunk indexes of what the slot now holds (delta updates reuse
         the indexes). A fresh directory per install, renamed into place; the older one is removed after."""
         base = record_dir(self.cfg.state_dir, slot)
         base.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(vp.preamble.manifest_bytes).hexdigest()[:16]
         final = base / name
         if not final.exists():
             with atomic_dir(final) as tmp:
@@ -281,6 +279,3 @@ class Installer:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
-
-def _without_pending(payloads: dict[str, Versions]) -> dict[str, Versions]:
-    return {t: Versions(v.current, v.previous, None) for t, v in payloads.items() if v.current or v.previous}

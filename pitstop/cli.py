@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from pitstop import __version__
 from pitstop.errors import InputError, PitstopError
+from pitstop.inference import cli as inference_cli
 from pitstop.ota import cli as ota_cli
 from pitstop.ota import device_cli
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     ota_cli.register(sub)
     device_cli.register(sub)
+    inference_cli.register(sub)
     return parser
 
 

@@ -94,8 +94,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "meets_target": raw > 0 and loop / raw >= target,
         "raw_latency_ms": {"p50": median_run.raw_latency.p50_ms, "p99": median_run.raw_latency.p99_ms},
         "stages_ms": {
-            name: {"p50": f.p50_ms, "p99": f.p99_ms, "mean": f.mean_ms}
-            for name, f in median_run.loop.stages.items()
+            name: {"p50": f.p50_ms, "p99": f.p99_ms, "mean": f.mean_ms} for name, f in median_run.loop.stages.items()
         },
         "drops": median_run.loop.drops,
         "queue_depth": {k: {"mean": m, "max": x} for k, (m, x) in median_run.loop.queue_depth.items()},

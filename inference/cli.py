@@ -129,6 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         source.close()
         raise
     loop = Loop(source, pipe, sink, max_frames=args.frames, name=args.model.stem)
+
     def on_signal(signum: int, frame: Any) -> None:
         loop.stop()
 

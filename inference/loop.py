@@ -330,4 +330,3 @@ class Loop:
             e2e.add(max(0.0, (time.monotonic_ns() - result.captured_ns) / 1e9))
             self.stats.delivered(time.monotonic())
         self._stop.set()  # the end of the stream ends every stage
-

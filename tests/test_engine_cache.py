@@ -59,8 +59,14 @@ def test_miss_then_hit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("tensorrt", "11.4.0"), ("gpu", "NVIDIA L4"), ("compute_capability", "8.9"), ("precision", "fp32"),
-     ("model_sha256", "cd" * 32), ("profile", {"x": [[1, 3, 640, 640]] * 3})],
+    [
+        ("tensorrt", "11.4.0"),
+        ("gpu", "NVIDIA L4"),
+        ("compute_capability", "8.9"),
+        ("precision", "fp32"),
+        ("model_sha256", "cd" * 32),
+        ("profile", {"x": [[1, 3, 640, 640]] * 3}),
+    ],
 )
 def test_any_key_field_change_is_a_different_engine(tmp_path: Path, field: str, value: object) -> None:
     cache, b = EngineCache(tmp_path), Builder()

@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,13 +137,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_signal)
     loop.start()
     try:
-        waited = 0.0
-        step = args.stats_every or 0.5
-        while not loop.wait(timeout=step):
-            waited += step
-            if args.stats_every:
+        started = time.monotonic()
+        next_stats = started + (args.stats_every or float("inf"))
+        while True:
+            now = time.monotonic()
+            until = next_stats
+            if args.seconds is not None:
+                until = min(until, started + args.seconds)
+            if loop.wait(timeout=max(0.0, min(until, now + 0.5) - now)):
+                break
+            now = time.monotonic()
+            if now >= next_stats:
                 sys.stderr.write(loop.figures().table() + "\n\n")
-            if args.seconds is not None and waited >= args.seconds:
+                next_stats += args.stats_every
+            if args.seconds is not None and now - started >= args.seconds:
                 loop.stop()
     except KeyboardInterrupt:
         loop.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pitstop.atomic import atomic_write
-from pitstop.inference.errors import EngineError, ModelError, RuntimeUnavailableError
+from pitstop.inference.errors import DescriptionError, EngineError, ModelError, RuntimeUnavailableError
 from pitstop.inference.runtime import Shape
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,10 @@ def build_engine(
     if monitor is not None:
         config.progress_monitor = monitor
 
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    unknown = sorted(set(profile) - names)
+    if unknown:
+        raise DescriptionError(f"{model}: {unknown[0]!r} is not an input of the model ({', '.join(sorted(names))})")
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)

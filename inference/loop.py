@@ -58,25 +58,35 @@ class Pipeline(Protocol):
 
 
 class _Latest:
-    """A one-place channel where a new item replaces the waiting one (live sources)."""
+    """A one-place channel where a new item replaces the waiting one (live sources).
+
+    The end of the stream never replaces a waiting frame: that frame is still delivered, then the end.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._item: Any = None
         self._full = False
+        self._ended = False
 
     def put(self, item: Any) -> bool:
         """Store `item`; True when it replaced one that was never taken (a drop)."""
         with self._cond:
-            dropped = self._full and self._item is not _END
+            if item is _END:
+                self._ended = True
+                self._cond.notify()
+                return False
+            dropped = self._full
             self._item, self._full = item, True
             self._cond.notify()
             return dropped
 
     def get(self, timeout: float) -> Any:
         with self._cond:
-            if not self._full and not self._cond.wait_for(lambda: self._full, timeout):
+            if not (self._full or self._ended) and not self._cond.wait_for(lambda: self._full or self._ended, timeout):
                 raise queue.Empty
+            if not self._full:
+                return _END
             item, self._item, self._full = self._item, None, False
             return item
 
@@ -158,7 +168,13 @@ class Loop:
                 return False
         if not self._finished.is_set():
             self._finished.set()
-            for close in (self._source.close, self._sink.close, self._pipe.close):
+            self.stats.ended = time.monotonic()
+            with self._switch_lock:
+                pending, self._pending = self._pending, None
+            closers = [self._source.close, self._sink.close, self._pipe.close]
+            if pending is not None:
+                closers.append(pending.close)  # asked for, never taken: still ours to close
+            for close in closers:
                 try:
                     close()
                 except Exception as e:
@@ -192,6 +208,9 @@ class Loop:
         Frames in flight finish on the old pipeline; the old one is closed once its slots are back.
         """
         with self._switch_lock:
+            if self._finished.is_set():
+                pipeline.close()
+                raise LoopError(f"{self.name}: the loop has ended; it cannot switch pipelines")
             if self._pending is not None:
                 self._pending.close()
             self._pending = pipeline
@@ -202,13 +221,16 @@ class Loop:
         try:
             fn()
         except BaseException as e:
-            message = e.message if isinstance(e, InferenceError) else f"{type(e).__name__}: {e}"
-            with self._fail_lock:
-                if self._failure is None:
-                    self._failure = LoopError(f"{self.name}: {stage} stage failed: {message}")
-                    self.stats.error = self._failure.message
-                    log.error("%s", self._failure.message, exc_info=not isinstance(e, InferenceError))
-            self._stop.set()
+            self._fail(stage, e)
+
+    def _fail(self, stage: str, e: BaseException) -> None:
+        message = e.message if isinstance(e, InferenceError) else f"{type(e).__name__}: {e}"
+        with self._fail_lock:
+            if self._failure is None:
+                self._failure = LoopError(f"{self.name}: {stage} stage failed: {message}")
+                self.stats.error = self._failure.message
+                log.error("%s", self._failure.message, exc_info=not isinstance(e, InferenceError))
+        self._stop.set()
 
     def _get(self, q: Any) -> Any:
         """The next item, or _END once stop() was called."""
@@ -279,14 +301,21 @@ class Loop:
         ring = self.stats.stages["preprocess"]
         gauge = self.stats.queues["ready"]
         while True:
+            # A free slot first, then the frame: for a live source the frame taken is then the newest,
+            # not one that waited for a slot while newer ones were dropped behind it.
+            slot = self._get(self._free)
+            if slot is _END:
+                break
             frame = self._get(self._frames)
             if frame is _END:
                 break
             if self._pending is not None:
+                # Switch at this frame boundary: this frame already goes to the new pipeline.
+                self._free.put(slot)
                 self._take_pending()
-            slot = self._get(self._free)
-            if slot is _END:
-                break
+                slot = self._get(self._free)
+                if slot is _END:
+                    break
             t0 = time.perf_counter()
             self._pipe.preprocess(frame, slot)
             ring.add(time.perf_counter() - t0)
@@ -324,7 +353,11 @@ class Loop:
             t1 = time.perf_counter()
             post.add(t1 - t0)
             self._free.put(slot)  # the result holds no reference into the slot's buffers
-            self._sink.write(result)
+            try:
+                self._sink.write(result)
+            except BaseException as e:
+                self._fail("sink", e)
+                return
             t2 = time.perf_counter()
             sink_ring.add(t2 - t1)
             e2e.add(max(0.0, (time.monotonic_ns() - result.captured_ns) / 1e9))

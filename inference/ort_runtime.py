@@ -187,16 +187,16 @@ class OrtRuntime:
 
     def configure(self, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
         check_feed(self._inputs, input_shapes)
-        self._shapes = {k: tuple(v) for k, v in input_shapes.items()}
+        shapes = {k: tuple(v) for k, v in input_shapes.items()}
         # One run on zeros: learns the output shapes and pays the first-run cost (TensorRT EP builds
         # its engine, CUDA EP picks kernels) here rather than on the first frame.
-        feeds = {s.name: np.zeros(self._shapes[s.name], dtype=s.dtype) for s in self._inputs}
+        feeds = {s.name: np.zeros(shapes[s.name], dtype=s.dtype) for s in self._inputs}
         try:
             results = self._session.run(None, feeds)
         except Exception as e:
-            raise ShapeError(f"{self._model.name}: the model refuses inputs {self._shapes}: {_one_line(e)}") from None
+            raise ShapeError(f"{self._model.name}: the model refuses inputs {shapes}: {_one_line(e)}") from None
         out = {spec.name: tuple(int(d) for d in r.shape) for spec, r in zip(self._outputs, results, strict=True)}
-        self._out_shapes = out
+        self._shapes, self._out_shapes = shapes, out  # only once the model accepted them
         self._bound.clear()
         self._binding.clear_binding_inputs()
         self._binding.clear_binding_outputs()

@@ -38,8 +38,12 @@ def profile_for(desc: ModelDescription, size: tuple[int, int] | None = None) -> 
 
 
 def open_runtime(model: Path, options: RuntimeOptions, profile: Profile) -> Runtime:
-    """The runtime the options ask for; "auto" prefers TensorRT and falls back to ONNX Runtime."""
-    if options.backend in ("tensorrt", "auto"):
+    """The runtime the options ask for; "auto" prefers TensorRT and falls back to ONNX Runtime.
+
+    "auto" tries TensorRT only with an engine cache directory: building an engine on every start
+    is never what a device wants.
+    """
+    if options.backend == "tensorrt" or (options.backend == "auto" and options.cache_dir is not None):
         try:
             from pitstop.inference.trt_runtime import TrtRuntime  # noqa: PLC0415 - needs tensorrt
 

@@ -272,7 +272,8 @@ def _run_sums(values: npt.NDArray[Any], first: IntArray, stop: IntArray) -> F64:
     bounds[0::2], bounds[1::2] = first, stop
     if bounds[-1] == flat.size:  # reduceat wants indices inside; the last range then runs to the end anyway
         bounds = bounds[:-1]
-    sums: F64 = np.add.reduceat(flat, bounds, dtype=np.float64)[0::2]
+    # float32 sums: each run lies within one row, and a float64 reduceat would copy the whole map per frame.
+    sums: F64 = np.add.reduceat(flat, bounds)[0::2].astype(np.float64)
     return sums
 
 

@@ -260,6 +260,9 @@ class Preprocessor:
         direct = nchw and self.dtype == np.float32
         self._work: F32 | None = None if direct else np.empty((3, h, w), np.float32)
         self._int_range = _INT_RANGES.get(desc.dtype)
+        # A window narrower than the frame is not contiguous: gather it into one buffer made now, so
+        # the row pass's reshape never copies per frame.
+        self._window_buf = np.empty((y1 - y0, x1 - x0, 3), np.uint8) if (x1 - x0) != fw else None
 
     def _channel_first(self, hwc: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """An (h, w, 3) RGB view as a (3, h, w) view in the model's colour order."""
@@ -290,6 +293,9 @@ class Preprocessor:
         dst = out[slot]
         work = dst if self._work is None else self._work
         window = image[self._window]
+        if self._window_buf is not None:
+            np.copyto(self._window_buf, window)
+            window = self._window_buf
         if self._rows is not None:
             self._rows.run(window.reshape(window.shape[0], -1))
         elif self._rows_f32 is not None:

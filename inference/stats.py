@@ -119,6 +119,7 @@ class LoopStats:
         self.first_out: float | None = None
         self.last_out = 0.0
         self.error: str | None = None
+        self.ended: float | None = None
         self._lock = threading.Lock()
 
     def delivered(self, now: float) -> None:
@@ -136,7 +137,7 @@ class LoopStats:
                 frames_in=self.frames_in,
                 frames_out=self.frames_out,
                 drops=self.drops,
-                elapsed_s=time.monotonic() - self.started,
+                elapsed_s=(self.ended or time.monotonic()) - self.started,
                 throughput_fps=fps,
                 stages={name: ring.figure() for name, ring in self.stages.items()},
                 queue_depth={name: (g.mean, g.max) for name, g in self.queues.items()},

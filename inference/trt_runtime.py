@@ -19,7 +19,7 @@ import numpy as np
 from pitstop.inference import cuda_mem
 from pitstop.inference.engine_build import Profile, build_engine, trt_logger, trt_module
 from pitstop.inference.engine_cache import CacheOutcome, EngineCache
-from pitstop.inference.errors import EngineError, InferenceError, ModelError, ShapeError
+from pitstop.inference.errors import EngineError, InferenceError, ModelError, RuntimeUnavailableError, ShapeError
 from pitstop.inference.runtime import Array, RuntimeOptions, Shape, TensorSpec, check_feed
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ class TrtRuntime:
             model_bytes = self._model.read_bytes()
         except OSError as e:
             raise ModelError(f"{model}: cannot read the model: {e.strerror or e}") from None
-        cuda_mem.set_device(options.device_id)
-        self.gpu = cuda_mem.gpu_info(options.device_id)
+        try:
+            self.gpu = cuda_mem.gpu_info(options.device_id)
+            cuda_mem.set_device(options.device_id)
+        except cuda_mem.CudaError as e:  # no driver, no device: TensorRT cannot run here at all
+            raise RuntimeUnavailableError(f"no usable CUDA device for TensorRT: {e.message}") from None
         fields = engine_fields(hashlib.sha256(model_bytes).hexdigest(), options, profile, self.gpu, trt.__version__)
         cache = EngineCache(Path(options.cache_dir) / "engines")
         timing = Path(options.cache_dir) / (

@@ -221,25 +221,25 @@ def _input(r: _Reader, where: str, item: Any) -> InputDesc:
     if desc.resize == "short_side_crop" and desc.resize_short <= 0:
         raise DescriptionError(f"{r.source}: {where}.resize_short: required (> 0) with resize = 'short_side_crop'")
     try:
-        shape = desc.concrete_shape(1)  # dynamic axes without a size, sizes off the multiple: refuse now
+        concrete = desc.concrete_shape(1)  # dynamic axes without a size, sizes off the multiple: refuse now
     except DescriptionError as e:
         raise DescriptionError(f"{r.source}: {where}.size: {e.message}") from None
     if not math.isfinite(desc.scale) or desc.scale == 0 or not all(math.isfinite(m) for m in desc.mean):
         raise DescriptionError(f"{r.source}: {where}: scale must be finite and non-zero, mean finite")
-    h, w = (shape[2], shape[3]) if desc.layout == "NCHW" else (shape[1], shape[2])
+    h, w = (concrete[2], concrete[3]) if desc.layout == "NCHW" else (concrete[1], concrete[2])
     if desc.resize == "short_side_crop" and desc.resize_short < max(h, w):
         raise DescriptionError(
             f"{r.source}: {where}.resize_short: {desc.resize_short} is smaller than the {h}x{w} centre crop"
         )
-    for key, bound, ok in (
-        ("min_size", desc.min_size, lambda b: b[0] <= h and b[1] <= w),
-        ("max_size", desc.max_size, lambda b: b[0] >= h and b[1] >= w),
+    for key, bound, inside in (
+        ("min_size", desc.min_size, desc.min_size is not None and desc.min_size[0] <= h and desc.min_size[1] <= w),
+        ("max_size", desc.max_size, desc.max_size is not None and desc.max_size[0] >= h and desc.max_size[1] >= w),
     ):
         if bound is None:
             continue
         if bound[0] % desc.multiple_of or bound[1] % desc.multiple_of:
             raise DescriptionError(f"{r.source}: {where}.{key}: must be multiples of {desc.multiple_of}")
-        if not ok(bound):
+        if not inside:
             raise DescriptionError(f"{r.source}: {where}.{key}: {list(bound)} does not contain the size {h}x{w}")
     n_dim = desc.shape[0]
     if isinstance(n_dim, int) and desc.max_batch not in (1, n_dim):

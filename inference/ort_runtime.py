@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pitstop.inference.errors import InferenceError, ModelError, RuntimeUnavailableError, ShapeError
-from pitstop.inference.runtime import Array, RuntimeOptions, Shape, TensorSpec, check_feed
+from pitstop.inference.runtime import Array, RuntimeOptions, Shape, TensorSpec, check_buffers, check_feed
 
 log = logging.getLogger(__name__)
 
@@ -221,19 +221,12 @@ class OrtRuntime:
     def infer(self, inputs: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
         if not self._shapes:
             raise InferenceError("configure() the runtime before infer()")
+        check_buffers(self._inputs, self._shapes, inputs, what="input")
+        check_buffers(self._outputs, self._out_shapes, outputs, what="output")
         for spec in self._inputs:
-            arr = inputs[spec.name]
-            if arr.shape != self._shapes[spec.name] or arr.dtype != spec.dtype:
-                raise ShapeError(
-                    f"input {spec.name!r}: got {arr.dtype}{list(arr.shape)}, "
-                    f"configured {spec.dtype}{list(self._shapes[spec.name])}"
-                )
-            self._bind(spec.name, arr, is_input=True)
+            self._bind(spec.name, inputs[spec.name], is_input=True)
         for spec in self._outputs:
-            arr = outputs[spec.name]
-            if arr.shape != self._out_shapes[spec.name] or arr.dtype != spec.dtype:
-                raise ShapeError(f"output {spec.name!r}: buffer {arr.dtype}{list(arr.shape)} does not fit")
-            self._bind(spec.name, arr, is_input=False)
+            self._bind(spec.name, outputs[spec.name], is_input=False)
         try:
             self._session.run_with_iobinding(self._binding, self._run_options)
         except Exception as e:

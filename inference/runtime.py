@@ -113,3 +113,20 @@ def check_feed(specs: tuple[TensorSpec, ...], shapes: Mapping[str, Shape]) -> No
         if spec.name not in shapes:
             raise ShapeError(f"input {spec.name!r} of the model was not given a shape")
         spec.check(shapes[spec.name])
+
+
+def check_buffers(
+    specs: tuple[TensorSpec, ...],
+    shapes: Mapping[str, Shape],
+    arrays: Mapping[str, Array],
+    *,
+    what: str,
+) -> None:
+    """Each array handed to `infer` has the configured shape and the model's dtype."""
+    for spec in specs:
+        arr = arrays[spec.name]
+        if arr.shape != shapes[spec.name] or arr.dtype != spec.dtype:
+            raise ShapeError(
+                f"{what} {spec.name!r}: got {arr.dtype}{list(arr.shape)}, "
+                f"configured {spec.dtype}{list(shapes[spec.name])}"
+            )

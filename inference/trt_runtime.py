@@ -20,7 +20,7 @@ from pitstop.inference import cuda_mem
 from pitstop.inference.engine_build import Profile, build_engine, trt_logger, trt_module
 from pitstop.inference.engine_cache import CacheOutcome, EngineCache
 from pitstop.inference.errors import EngineError, InferenceError, ModelError, RuntimeUnavailableError, ShapeError
-from pitstop.inference.runtime import Array, RuntimeOptions, Shape, TensorSpec, check_feed
+from pitstop.inference.runtime import Array, RuntimeOptions, Shape, TensorSpec, check_buffers, check_feed
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +164,8 @@ class TrtRuntime:
     def infer(self, inputs: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
         if not self._shapes:
             raise InferenceError("configure() the runtime before infer()")
-        for spec in self._inputs:
-            arr = inputs[spec.name]
-            if arr.shape != self._shapes[spec.name] or arr.dtype != spec.dtype:
-                raise ShapeError(
-                    f"input {spec.name!r}: got {arr.dtype}{list(arr.shape)}, "
-                    f"configured {spec.dtype}{list(self._shapes[spec.name])}"
-                )
-        for spec in self._outputs:
-            arr = outputs[spec.name]
-            if arr.shape != self._out_shapes[spec.name] or arr.dtype != spec.dtype:
-                raise ShapeError(f"output {spec.name!r}: buffer {arr.dtype}{list(arr.shape)} does not fit")
+        check_buffers(tuple(self._inputs), self._shapes, inputs, what="input")
+        check_buffers(tuple(self._outputs), self._out_shapes, outputs, what="output")
         if not self._options.cuda_graph:
             self._enqueue(inputs, outputs)
             self._stream.synchronize()

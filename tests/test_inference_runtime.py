@@ -206,7 +206,11 @@ def test_infer_wrong_arrays_are_shape_errors(det_rt: OrtRuntime) -> None:
     cases = [
         ({"x": np.zeros((1, 3, 64, 96), np.float32)}, {DET_OUT: good_y}, r"got float32\[1, 3, 64, 96\], configured"),
         ({"x": np.zeros((1, 3, 64, 64), np.float64)}, {DET_OUT: good_y}, r"got float64"),
-        ({"x": good_x}, {DET_OUT: np.zeros((1, 1, 32, 32), np.float32)}, r"output 'sigmoid_0.tmp_0': got float32\[1, 1, 32, 32\], configured"),
+        (
+            {"x": good_x},
+            {DET_OUT: np.zeros((1, 1, 32, 32), np.float32)},
+            r"output 'sigmoid_0.tmp_0': got float32\[1, 1, 32, 32\], configured",
+        ),
         ({"x": np.zeros((1, 3, 64, 128), np.float32)[..., ::2]}, {DET_OUT: good_y}, r"must be C-contiguous"),
     ]
     for inputs, outputs, match in cases:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from pitstop import __version__
 from pitstop.errors import InputError, PitstopError
+from pitstop.image import cli as image_cli
 from pitstop.inference import cli as inference_cli
 from pitstop.ota import cli as ota_cli
 from pitstop.ota import device_cli
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     ota_cli.register(sub)
     device_cli.register(sub)
     inference_cli.register(sub)
+    image_cli.register(sub)
     return parser
 
 

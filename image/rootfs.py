@@ -1,0 +1,533 @@
+"""The root filesystem: Debian from mmdebstrap, configured for the recipe, pitstop installed, made into the ext4
+image of a slot. Runs as root (mmdebstrap's root mode, chroot).
+
+Stages, the slow one cached:
+
+1. **base** (`<cache>/base/<key>.tar`): mmdebstrap's tarball of Debian with the recipe's packages (and
+   `BASE_PACKAGES`). Its key covers exactly what changes it: suite, mirrors or snapshot, components,
+   architecture, the package list, SOURCE_DATE_EPOCH and mmdebstrap's version; users, network, overlay and
+   pitstop itself do not touch it. Minutes when built, nothing when reused.
+2. **tree**: the base unpacked, the recipe's files written (`configure_tree`: pure file writes, tested without
+   a Debian tree), then the commands that need the tree's own tools run in a chroot (`chroot_commands`:
+   accounts, units, pitstop's virtual environment from a wheelhouse). Seconds plus pip.
+3. **image**: the tree as a slot-sized ext4 image (image/ext4.py), reproducible.
+
+Reproducible: mmdebstrap honours SOURCE_DATE_EPOCH; `base.snapshot` pins every package version through
+snapshot.debian.org; Python byte code is compiled with SOURCE_DATE_EPOCH set (hash-based .pyc); host keys,
+machine id, logs and caches are left out of the tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pitstop.image import ext4, partitions, systemconf
+from pitstop.image.datafs import DATA_LOG_DIR, IDENTITY_DIR, JOURNAL_DIR
+from pitstop.image.errors import ImageBuildError
+from pitstop.image.recipe import Recipe, render_hostname
+from pitstop.runner import run
+
+DEB_ARCH = {"x86_64": "amd64"}
+KERNEL_PACKAGES = {"x86_64": "linux-image-amd64"}
+# What every image needs whatever the recipe says: a kernel and initramfs in the slot (GRUB loads /vmlinuz and
+# /initrd.img), systemd, the fsck tools for the data partition and the ESP, Python for pitstop.
+BASE_PACKAGES = (
+    "initramfs-tools",
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "e2fsprogs",
+    "dosfstools",
+    "python3",
+    "python3-venv",
+)
+DPKG_OPTIONS = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+)
+VENV = "/opt/pitstop"
+WHEELS_IN_TREE = "/opt/pitstop-wheels"  # inside the tree; removed before the image is made
+READY_SCRIPT = "/usr/local/lib/pitstop/ready"
+SSH_KEYS_DIR = "/data/ssh"
+UNIT_DIR = "etc/systemd/system"
+ROOTFS_LABEL = "rootfs"
+# Left out of every tree: per-device or per-build state that would make every device alike or every build differ.
+_REMOVE = (
+    "etc/ssh/ssh_host_*",
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/log/*.log",
+    "var/log/apt/*",
+    "var/cache/apt/*.bin",
+    "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old",
+    "etc/*-",
+    "etc/.pwd.lock",
+)
+
+
+# --- the base stage ---------------------------------------------------------------------------------------------
+
+
+def packages(recipe: Recipe) -> list[str]:
+    """Everything mmdebstrap installs, sorted and without duplicates: `BASE_PACKAGES`, the recipe's, and the
+    architecture's default kernel unless the recipe names a `linux-image-*` package itself."""
+    include = recipe.packages.include
+    kernel = [] if any(p.startswith("linux-image-") for p in include) else [KERNEL_PACKAGES[recipe.target.arch]]
+    return sorted({*BASE_PACKAGES, *kernel, *include})
+
+
+def apt_sources(recipe: Recipe) -> list[str]:
+    b = recipe.base
+    mirror, security = b.mirror, b.security_mirror
+    if b.snapshot is not None:
+        mirror = f"http://snapshot.debian.org/archive/debian/{b.snapshot}"
+        security = f"http://snapshot.debian.org/archive/debian-security/{b.snapshot}"
+    comps = " ".join(b.components)
+    return [
+        f"deb {mirror} {b.suite} {comps}",
+        f"deb {mirror} {b.suite}-updates {comps}",
+        f"deb {security} {b.suite}-security {comps}",
+    ]
+
+
+def mmdebstrap_argv(recipe: Recipe, out: Path) -> list[str]:
+    argv = [
+        "mmdebstrap",
+        "--mode=root",
+        "--variant=minbase",
+        f"--arch={DEB_ARCH[recipe.target.arch]}",
+        "--format=tar",
+        f"--include={','.join(packages(recipe))}",
+    ]
+    argv += [f"--dpkgopt={o}" for o in DPKG_OPTIONS]
+    if recipe.base.snapshot is not None:
+        # Snapshot Release files are old by design.
+        argv.append('--aptopt=Acquire::Check-Valid-Until "false"')
+    return [*argv, recipe.base.suite, str(out), *apt_sources(recipe)]
+
+
+def mmdebstrap_version() -> str:
+    m = re.search(r"mmdebstrap (\S+)", run(["mmdebstrap", "--version"]).text)
+    return m[1] if m else "unknown"
+
+
+def base_key(recipe: Recipe, epoch: int, tool: str) -> str:
+    """What the base tarball depends on, hashed."""
+    fields = {
+        "sources": apt_sources(recipe),
+        "arch": recipe.target.arch,
+        "packages": packages(recipe),
+        "dpkg": list(DPKG_OPTIONS),
+        "epoch": epoch,
+        "mmdebstrap": tool,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Cache:
+    """Stage outputs by key, each written beside its final name and renamed into place when complete."""
+
+    root: Path
+
+    def path(self, stage: str, key: str, suffix: str) -> Path:
+        return self.root / stage / f"{key}{suffix}"
+
+    def prune(self, stage: str, keep: int = 3) -> None:
+        """Keep the `keep` most recently used outputs of `stage`."""
+        d = self.root / stage
+        if not d.is_dir():
+            return
+        files = sorted((p for p in d.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+        for p in files[:-keep]:
+            p.unlink()
+
+
+def build_base(recipe: Recipe, cache: Cache, epoch: int) -> tuple[Path, bool]:
+    """The base tarball, from the cache if there; returns (path, reused)."""
+    key = base_key(recipe, epoch, mmdebstrap_version())
+    out = cache.path("base", key, ".tar")
+    if out.is_file():
+        os.utime(out)
+        return out, True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        run(mmdebstrap_argv(recipe, tmp), env={"SOURCE_DATE_EPOCH": str(epoch)}, capture=True)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    cache.prune("base")
+    return out, False
+
+
+def unpack(tar: Path, tree: Path) -> None:
+    tree.mkdir(parents=True)
+    run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", tar, "-C", tree])
+
+
+# --- configuring the tree: files ------------------------------------------------------------------------------
+
+
+def in_tree(tree: Path, path: str | Path) -> Path:
+    """`tree`/`path`, refused if any directory on the way is a symlink: the tree's symlinks point into the
+    device's file system (/var/run -> /run), and following one on the build host would write outside the tree."""
+    dest = tree / str(path).lstrip("/")
+    rel = dest.relative_to(tree)
+    p = tree
+    for part in rel.parts[:-1]:
+        p = p / part
+        if p.is_symlink():
+            raise ImageBuildError(f"{rel} goes through the symlink /{p.relative_to(tree)} of the image")
+    return dest
+
+
+def _write(tree: Path, path: str, text: str, mode: int = 0o644) -> None:
+    dest = in_tree(tree, path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text)
+    os.chmod(dest, mode)
+
+
+def _symlink(tree: Path, path: str, target: str) -> None:
+    dest = in_tree(tree, path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink() or dest.exists():
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        else:
+            dest.unlink()
+    dest.symlink_to(target)
+
+
+# data and the ESP are required, not `nofail`: a slot that cannot mount them goes to emergency mode, is never
+# marked good, and GRUB's counter falls back to the other slot. Required mounts are also ordered before
+# local-fs.target, so the journal, /var/log and every service find them (notes/qemu-ab-image.md, pitfall 4).
+FSTAB = f"""\
+# pitstop: the root filesystem is a read-only slot; what changes lives on data or in tmpfs (docs/image.md).
+PARTLABEL=data  {systemconf.DATA_DIR}  ext4  defaults,noatime,x-systemd.device-timeout=30s  0  2
+PARTLABEL=esp   {systemconf.ESP_MOUNT}  vfat  umask=0077,sync,x-systemd.device-timeout=30s  0  2
+tmpfs  /tmp      tmpfs  mode=1777,nosuid,nodev  0  0
+tmpfs  /var/tmp  tmpfs  mode=1777,nosuid,nodev  0  0
+"""
+# Writable places of a read-only root, moved to the data partition: (path in the tree, path on data). /var/log
+# holds the journal (when persistent), wtmp and the logs of services such as chrony.
+MOVED_TO_DATA = (("var/log", DATA_LOG_DIR),)
+# State directories (systemd StateDirectory=) that services expect and cannot create on a read-only root.
+STATE_DIRS = ("var/lib/systemd/linger",)
+
+HOSTNAME_UNIT = f"""\
+[Unit]
+Description=pitstop: host name from the device identity
+RequiresMountsFor={systemconf.DATA_DIR}
+ConditionPathExists={systemconf.DATA_DIR}/{IDENTITY_DIR}/hostname
+Before=network-pre.target
+Wants=network-pre.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/hostname -F {systemconf.DATA_DIR}/{IDENTITY_DIR}/hostname
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+SSH_KEYS_UNIT = f"""\
+[Unit]
+Description=pitstop: this device's SSH host keys, made once on the data partition
+RequiresMountsFor={systemconf.DATA_DIR}
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/mkdir -p -m 0700 {SSH_KEYS_DIR}/etc/ssh
+ExecStart=/usr/bin/ssh-keygen -A -f {SSH_KEYS_DIR}
+
+[Install]
+WantedBy=ssh.service
+"""
+
+# Until the daemon exists (its issue brings pitstop.service): mark the booted slot good once the system is up,
+# and say so on the console, where the boot tests read it.
+MARK_GOOD_UNIT = f"""\
+[Unit]
+Description=pitstop: mark the booted slot good
+RequiresMountsFor={systemconf.DATA_DIR} {systemconf.ESP_MOUNT}
+
+[Service]
+Type=oneshot
+ExecStart={VENV}/bin/pitstop mark-good
+ExecStartPost={READY_SCRIPT}
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+READY = """\
+#!/bin/sh
+# pitstop: tell the console (where boot tests and HIL rigs read it) that this slot is up and marked good.
+slot=$(sed -n 's/.*pitstop[.]slot=\\([A-Za-z0-9_]*\\).*/\\1/p' /proc/cmdline)
+echo "PITSTOP-READY slot=${slot:-unknown}" >/dev/console
+"""
+
+
+def sshd_config(recipe: Recipe) -> str:
+    s = recipe.ssh
+    lines = [
+        "# pitstop (recipe [ssh]); host keys are per device, on the data partition",
+        f"PasswordAuthentication {'yes' if s.password_authentication else 'no'}",
+        f"PermitRootLogin {s.permit_root_login}",
+    ]
+    lines += [f"HostKey {SSH_KEYS_DIR}/etc/ssh/ssh_host_{t}_key" for t in ("ed25519", "ecdsa", "rsa")]
+    return "\n".join(lines) + "\n"
+
+
+def network_files(recipe: Recipe) -> dict[str, str]:
+    """systemd-networkd .network files, one per [[network.interface]], in order (first match wins)."""
+    out = {}
+    for n, i in enumerate(recipe.network.interface, start=1):
+        lines = ["[Match]", f"Name={i.match}", "", "[Network]", f"DHCP={'yes' if i.dhcp else 'no'}"]
+        lines += [f"Address={a}" for a in i.address]
+        lines += [f"Gateway={i.gateway}"] if i.gateway else []
+        lines += [f"DNS={d}" for d in i.dns]
+        out[f"etc/systemd/network/{10 + n}-pitstop.network"] = "\n".join(lines) + "\n"
+    return out
+
+
+def configure_tree(recipe: Recipe, tree: Path, *, keyring_pem: bytes) -> list[str]:
+    """Write the recipe's files into `tree` (a Debian tree or an empty directory). Returns the units to enable."""
+    units = []
+    _write(
+        tree,
+        systemconf.PATH,
+        systemconf.render(
+            systemconf.SystemToml(recipe.target.compatible, tries=recipe.boot.tries, clock=recipe.keys.clock)
+        ),
+    )
+    _write(tree, systemconf.KEYRING_PATH, keyring_pem.decode())
+    if recipe.daemon.config is not None:
+        _write(tree, "/etc/pitstop/pitstop.toml", recipe.daemon.config.read_text())
+    _write(tree, "/etc/fstab", FSTAB)
+    for d in (systemconf.DATA_DIR, systemconf.ESP_MOUNT):
+        (tree / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    pattern = recipe.system.hostname
+    _write(tree, "/etc/hostname", render_hostname(pattern, "unprovisioned") + "\n")
+    if "{device_id}" in pattern:
+        _write(tree, f"{UNIT_DIR}/pitstop-hostname.service", HOSTNAME_UNIT)
+        units.append("pitstop-hostname.service")
+    _write(tree, "/etc/timezone", recipe.system.timezone + "\n")
+    _symlink(tree, "/etc/localtime", f"/usr/share/zoneinfo/{recipe.system.timezone}")
+    _write(tree, "/etc/machine-id", "")  # empty: systemd makes one at boot (the rootfs is read-only)
+    for path, text in network_files(recipe).items():
+        _write(tree, path, text)
+    if recipe.network.ntp:
+        _write(
+            tree, "/etc/chrony/sources.d/pitstop.sources", "".join(f"server {n} iburst\n" for n in recipe.network.ntp)
+        )
+    _write(tree, "/etc/ssh/sshd_config.d/50-pitstop.conf", sshd_config(recipe))
+    _write(tree, f"{UNIT_DIR}/pitstop-ssh-hostkeys.service", SSH_KEYS_UNIT)
+    units.append("pitstop-ssh-hostkeys.service")
+    tmpfiles = []
+    for path, on_data in MOVED_TO_DATA:
+        _symlink(tree, path, f"{systemconf.DATA_DIR}/{on_data}")
+        tmpfiles.append(f"d {systemconf.DATA_DIR}/{on_data} 0755 root root - -")
+    for path in STATE_DIRS:
+        in_tree(tree, path).mkdir(parents=True, exist_ok=True)
+    if recipe.system.persistent_journal:
+        tmpfiles += [
+            f"d {systemconf.DATA_DIR}/{JOURNAL_DIR} 2755 root systemd-journal - -",
+            f"z {systemconf.DATA_DIR}/{JOURNAL_DIR} 2755 root systemd-journal - -",
+        ]
+    else:
+        _write(tree, "/etc/systemd/journald.conf.d/50-pitstop.conf", "[Journal]\nStorage=volatile\n")
+    _write(tree, "/etc/tmpfiles.d/pitstop.conf", "".join(f"{t}\n" for t in tmpfiles))
+    _write(tree, f"{UNIT_DIR}/pitstop-mark-good.service", MARK_GOOD_UNIT)
+    _write(tree, READY_SCRIPT, READY, 0o755)
+    if recipe.daemon.enable:
+        units.append("pitstop-mark-good.service")
+    units += ["systemd-networkd.service"] + (
+        ["systemd-resolved.service"] if "systemd-resolved" in packages(recipe) else []
+    )
+    return units
+
+
+def copy_overlay(overlay: Path, tree: Path) -> None:
+    """The overlay over the tree, owner root, modes kept; a symlink or file replaces what is there."""
+    for src in sorted(overlay.rglob("*")):
+        rel = src.relative_to(overlay)
+        dest = in_tree(tree, rel)
+        if src.is_dir() and not src.is_symlink():
+            dest.mkdir(parents=True, exist_ok=True)
+            os.chmod(dest, src.stat().st_mode & 0o7777)
+        else:
+            if dest.is_symlink() or dest.is_file():
+                dest.unlink()
+            elif dest.is_dir():
+                raise ImageBuildError(f"overlay {rel} is a file, the image has a directory there")
+            if src.is_symlink():
+                dest.symlink_to(os.readlink(src))
+            else:
+                shutil.copy2(src, dest, follow_symlinks=False)
+        os.lchown(dest, 0, 0)
+
+
+def clean_tree(tree: Path) -> None:
+    """Remove what must not be in an image (`_REMOVE`). Run on the unpacked base, before the tree has symlinks
+    of its own that glob could follow out of it."""
+    for pattern in _REMOVE:
+        for p in tree.glob(pattern):
+            in_tree(tree, p.relative_to(tree))
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+# --- configuring the tree: commands in a chroot ------------------------------------------------------------------
+
+
+def user_commands(recipe: Recipe) -> list[list[str]]:
+    cmds = []
+    for u in recipe.user:
+        cmd = ["useradd", "--create-home", "--shell", u.shell]
+        if u.uid is not None:
+            cmd += ["--uid", str(u.uid)]
+        if u.groups:
+            cmd += ["--groups", ",".join(u.groups)]
+        cmds += [[*cmd, u.name], ["passwd", "--lock", u.name]]
+    return cmds
+
+
+def pitstop_commands() -> list[list[str]]:
+    return [
+        ["python3", "-m", "venv", VENV],
+        [f"{VENV}/bin/pip", "install", "--no-index", "--no-cache-dir", "--find-links", WHEELS_IN_TREE, "pitstop"],
+        ["ln", "-sf", f"{VENV}/bin/pitstop", "/usr/local/bin/pitstop"],
+    ]
+
+
+def chroot(tree: Path, cmd: Sequence[str], epoch: int) -> None:
+    env = {
+        "SOURCE_DATE_EPOCH": str(epoch),
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+    }
+    run(["chroot", tree, *cmd], env=env)
+
+
+def install_authorized_keys(recipe: Recipe, tree: Path) -> None:
+    passwd = {ln.split(":")[0]: ln.split(":") for ln in (tree / "etc/passwd").read_text().splitlines() if ln}
+    for u in recipe.user:
+        if not u.ssh_keys:
+            continue
+        entry = passwd.get(u.name)
+        if entry is None:
+            raise ImageBuildError(f"user {u.name} was not created")
+        uid, gid, home = int(entry[2]), int(entry[3]), entry[5]
+        ssh = tree / home.lstrip("/") / ".ssh"
+        ssh.mkdir(mode=0o700, exist_ok=True)
+        keys = "".join(k.read_text() if k.read_text().endswith("\n") else k.read_text() + "\n" for k in u.ssh_keys)
+        (ssh / "authorized_keys").write_text(keys)
+        os.chmod(ssh / "authorized_keys", 0o600)
+        for p in (ssh, ssh / "authorized_keys"):
+            os.chown(p, uid, gid)
+
+
+def wheelhouse(repo: Path, dest: Path, cache: Cache) -> Path:
+    """pitstop's wheel from `repo` and the wheels of its dependencies (downloaded once per dependency list)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dest, repo])
+    pitstop_wheel = sorted(dest.glob("pitstop-*.whl"))
+    if not pitstop_wheel:
+        raise ImageBuildError(f"pip made no pitstop wheel from {repo}")
+    deps_key = hashlib.sha256((repo / "pyproject.toml").read_bytes()).hexdigest()[:32]
+    deps = cache.path("wheels", deps_key, "")
+    if not deps.is_dir():
+        tmp = deps.with_name(f".{deps.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--dest",
+                tmp,
+                "--only-binary=:all:",
+                pitstop_wheel[-1],
+            ]
+        )
+        os.replace(tmp, deps)
+    for w in deps.iterdir():
+        if not w.name.startswith("pitstop-"):
+            shutil.copy2(w, dest / w.name)
+    return dest
+
+
+# --- the stage ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rootfs:
+    image: Path
+    base_reused: bool
+    packages: list[str]  # "name version" of every installed package
+
+
+def installed_packages(tree: Path) -> list[str]:
+    out = run(["chroot", tree, "dpkg-query", "-W", "-f", "${Package} ${Version}\\n"]).text
+    return sorted(ln for ln in out.splitlines() if ln)
+
+
+def build_rootfs(
+    recipe: Recipe, out: Path, *, workdir: Path, cache: Cache, keyring_pem: bytes, wheels: Path, epoch: int
+) -> Rootfs:
+    """The slot image of `recipe` at `out` (slot-sized ext4). `wheels`: a directory with pitstop's wheel and its
+    dependencies' (`wheelhouse`)."""
+    if os.geteuid() != 0:
+        raise ImageBuildError("building a rootfs needs root (mmdebstrap --mode=root, chroot)")
+    base, reused = build_base(recipe, cache, epoch)
+    tree = workdir / "rootfs.tree"
+    if tree.exists():
+        shutil.rmtree(tree)
+    unpack(base, tree)
+    clean_tree(tree)
+    units = configure_tree(recipe, tree, keyring_pem=keyring_pem)
+    shutil.copytree(wheels, in_tree(tree, WHEELS_IN_TREE))
+    for cmd in [*user_commands(recipe), *pitstop_commands(), ["systemctl", "enable", *units]]:
+        chroot(tree, cmd, epoch)
+    install_authorized_keys(recipe, tree)
+    if recipe.files.overlay is not None:
+        copy_overlay(recipe.files.overlay, tree)
+    pkgs = installed_packages(tree)
+    shutil.rmtree(in_tree(tree, WHEELS_IN_TREE))
+    for junk in ("etc/ssh/ssh_host_*", "etc/*-"):  # what the chroot steps may have made (useradd backups)
+        for p in tree.glob(junk):
+            p.unlink()
+    ext4.make_ext4(
+        out,
+        recipe.partitions.rootfs,
+        tree,
+        label=ROOTFS_LABEL,
+        uuid=partitions.identity_uuid(recipe.identity, "fs:rootfs"),
+        epoch=epoch,
+    )
+    shutil.rmtree(tree)
+    return Rootfs(out, reused, pkgs)

@@ -8,10 +8,13 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pitstop.errors import UsageError
-from pitstop.inference.runtime import BACKENDS, PRECISIONS, PROVIDERS, RuntimeOptions
+from pitstop.inference.choices import BACKENDS, PRECISIONS, PROVIDERS
+
+if TYPE_CHECKING:
+    from pitstop.inference.runtime import RuntimeOptions
 
 DEFAULT_CACHE = Path("/var/lib/pitstop/engines")
 
@@ -87,6 +90,8 @@ def _pairs(flag: str, values: list[str]) -> dict[str, str]:
 
 
 def options_from(args: argparse.Namespace) -> RuntimeOptions:
+    from pitstop.inference.runtime import RuntimeOptions  # noqa: PLC0415 - numpy loads only when inferring
+
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown or not providers:

@@ -15,15 +15,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from pitstop.inference.choices import BACKENDS, PRECISIONS, PROVIDERS
 from pitstop.inference.errors import ShapeError
+
+__all__ = ["BACKENDS", "PRECISIONS", "PROVIDERS"]  # re-exported: they belong with the options
 
 Array = npt.NDArray[Any]
 Shape = tuple[int, ...]
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
-# ONNX Runtime execution providers in preference order (DESIGN.md "Inference").
-PROVIDERS = ("tensorrt", "cuda", "cpu")
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ class VmError(AssertionError):
 
 def qemu_argv(disk: Path, vars_copy: Path, *, memory_mib: int = 512) -> list[str]:
     """q35 + OVMF (read-only code, a private copy of the variables), the disk on virtio, no network."""
-    return [QEMU, "-machine", "q35", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1", "-nographic",
+    return [QEMU, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", str(memory_mib), "-smp", "1", "-nographic",
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
             "-drive", f"file={disk},format=raw,if=virtio",

@@ -31,6 +31,7 @@ from pitstop.image import blockdev
 from pitstop.image import bmap as bmaps
 from pitstop.image.errors import BmapError, FlashError
 from pitstop.image.sparse import ProgressFactory, no_progress
+from pitstop.ota.slot_device import write_all
 from pitstop.runner import run
 
 log = logging.getLogger("pitstop.image.flash")
@@ -94,14 +95,6 @@ def _open_target(target: Path, size: int) -> Iterator[tuple[int, bool]]:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 def _write(image_fd: int, target_fd: int, bm: bmaps.Bmap, block: bool, update: Callable[[int], None]) -> int:
     written = since_sync = 0
     for offset, length, sha in bm.byte_ranges():
@@ -112,7 +105,7 @@ def _write(image_fd: int, target_fd: int, bm: bmaps.Bmap, block: bool, update: C
             if not data:
                 raise BmapError(f"the image ends at byte {pos}, inside a mapped range")
             h.update(data)
-            _write_all(target_fd, data, pos)
+            write_all(target_fd, data, pos)
             pos += len(data)
             left -= len(data)
             written += len(data)

@@ -256,7 +256,7 @@ def test_bmap_of_another_image_is_refused(fresh: Path, tmp_path: Path) -> None:
 
 def test_read_back_catches_a_bad_write(fresh: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A medium that does not keep what it is given: the read back must notice."""
-    real = flash._write_all
+    real = flash.write_all
     calls = {"n": 0}
 
     def flaky(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -265,7 +265,7 @@ def test_read_back_catches_a_bad_write(fresh: Path, tmp_path: Path, monkeypatch:
             data = bytes(len(data))
         real(fd, data, offset)
 
-    monkeypatch.setattr(flash, "_write_all", flaky)
+    monkeypatch.setattr(flash, "write_all", flaky)
     target = tmp_path / "t.img"
     target.touch()
     with pytest.raises(FlashError, match="read back differently"):

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from pitstop.inference.bench import PremadeSource
+from pitstop.inference.bench import CountingSink, PremadeSource
 from pitstop.inference.errors import InferenceError, LoopError, SourceError
 from pitstop.inference.frames import Frame, Result
 from pitstop.inference.loop import Loop
@@ -591,17 +591,6 @@ class MeasuredSource:
         frame = Frame(self.images[self.index % len(self.images)], self.index, time.monotonic_ns(), self.name)
         self.index += 1
         return frame
-
-    def close(self) -> None:
-        pass
-
-
-class CountingSink:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def write(self, result: Result) -> None:
-        self.count += 1
 
     def close(self) -> None:
         pass

@@ -116,7 +116,7 @@ def bench_pipeline(pipe: ModelPipeline, *, frames: int = 200, warmup: int = 10, 
     raw_fps = frames / raw_s if raw_s > 0 else 0.0
 
     sink = CountingSink()
-    loop = Loop(PremadeSource(images, frames + warmup), _Unclosed(pipe), sink, slots=slots, name="bench")
+    loop = Loop(PremadeSource(images, frames + warmup), pipe, sink, slots=slots, name="bench", close_pipeline=False)
     figures = loop.run()
     return BenchReport(
         model=str(pipe.model),
@@ -143,18 +143,3 @@ def bench(
         return bench_pipeline(pipe, frames=frames, warmup=warmup)
     finally:
         pipe.close()
-
-
-class _Unclosed:
-    """The loop closes its pipeline when it ends; the bench still owns it (and reuses it)."""
-
-    def __init__(self, pipe: ModelPipeline) -> None:
-        self._pipe = pipe
-        self.runtime_name = pipe.runtime_name
-        self.new_slot = pipe.new_slot
-        self.preprocess = pipe.preprocess
-        self.infer = pipe.infer
-        self.postprocess = pipe.postprocess
-
-    def close(self) -> None:
-        pass

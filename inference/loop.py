@@ -108,6 +108,7 @@ class Loop:
         live: bool | None = None,
         name: str = "loop",
         switch_interval_s: float | None = 0.0005,
+        close_pipeline: bool = True,
     ) -> None:
         if slots < 2:
             raise InferenceError("a loop needs at least 2 slots to overlap its stages")
@@ -134,6 +135,7 @@ class Loop:
         self._threads: list[threading.Thread] = []
         self._finished = threading.Event()
         self._switch_s = switch_interval_s
+        self._close_pipeline = close_pipeline  # False: the caller reuses the pipeline after the loop
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -171,7 +173,9 @@ class Loop:
             self.stats.ended = time.monotonic()
             with self._switch_lock:
                 pending, self._pending = self._pending, None
-            closers = [self._source.close, self._sink.close, self._pipe.close]
+            closers = [self._source.close, self._sink.close]
+            if self._close_pipeline:
+                closers.append(self._pipe.close)
             if pending is not None:
                 closers.append(pending.close)  # asked for, never taken: still ours to close
             for close in closers:

@@ -24,7 +24,6 @@ Array = npt.NDArray[Any]
 Shape = tuple[int, ...]
 
 
-
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     """A model input or output as the runtime sees it; dynamic axes are None."""

@@ -3,23 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pitstop.errors import InputError, UsageError
-from pitstop.image import bmap as bmaps
-from pitstop.image import disk, flash, partitions, provision, recipe
-from pitstop.image.sizes import format_size
+from pitstop.image import qemu
 from pitstop.progress import Progress, human_size
+
+if TYPE_CHECKING:
+    from pitstop.ota.signing import Signer
+
+# The handlers import what they use: every `pitstop` command (the device's `pitstop mark-good` at boot among
+# them) builds this parser, and the builder's modules would add a fifth of a second to each start here, more
+# on a small device.
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("image", help="disk images from recipes: check, assemble, bmap, flash, provision")
+    parser = sub.add_parser("image", help="disk images from recipes: check, build, boot, flash, provision")
     isub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=type(parser))
     isub.required = True
+
+    p = isub.add_parser("build", help="build a recipe: disk image, block map, first bundle, build manifest")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (created if missing)")
+    p.add_argument("--cache", type=Path, help="stage cache (default: $PITSTOP_CACHE or ~/.cache/pitstop/image)")
+    p.add_argument("--source", type=Path, help="pitstop source tree to install (default: the one running)")
+    p.add_argument("--key", type=Path, help="PEM private key signing the first bundle (recipes with a real keyring)")
+    p.add_argument("--sign-command", help="external signer instead of --key (as in `pitstop bundle create`)")
+    p.add_argument("--cert", type=Path, action="append", default=[], help="signing certificate, then intermediates")
+    p.add_argument("--no-bundle", action="store_true", help="do not make the first bundle")
+    p.add_argument("--refresh", action="store_true", help="rebuild the Debian base even if cached (new packages)")
+    p.add_argument("--extra-overlay", type=Path, help="a directory copied over the rootfs after the recipe's overlay")
+    p.set_defaults(handler=cmd_build)
+
+    p = isub.add_parser("boot", help="boot a disk image in QEMU (UEFI, serial console here; Ctrl-A X quits)")
+    p.add_argument("image", type=Path)
+    p.add_argument("--arch", default="x86_64", choices=sorted(qemu.FIRMWARE))
+    p.add_argument("--memory", type=int, default=1024, help="MiB (default 1024)")
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--ssh-port", type=int, help="forward this host port (127.0.0.1) to the guest's SSH")
+    p.add_argument("--snapshot", action="store_true", help="leave the image unchanged (writes are discarded)")
+    p.add_argument("--no-network", action="store_true")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto", help="auto: KVM where the CPU has it")
+    p.add_argument("--print", action="store_true", help="print QEMU's command line instead of running it")
+    p.set_defaults(handler=cmd_boot)
 
     p = isub.add_parser("check", help="validate a recipe (nothing is built)")
     p.add_argument("recipe", type=Path)
@@ -77,6 +109,9 @@ class _Bars:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from pitstop.image import recipe  # noqa: PLC0415
+    from pitstop.image.sizes import format_size  # noqa: PLC0415
+
     r = recipe.load(args.recipe)
     if args.json:
         sys.stdout.write(recipe.dumps(r))
@@ -91,6 +126,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_assemble(args: argparse.Namespace) -> int:
+    from pitstop.image import bmap as bmaps  # noqa: PLC0415
+    from pitstop.image import disk, partitions, recipe  # noqa: PLC0415
+    from pitstop.image.sizes import format_size  # noqa: PLC0415
+
     r = recipe.load(args.recipe)
     if not args.rootfs.is_file():
         raise InputError(f"rootfs image {args.rootfs} is not a file")
@@ -113,6 +152,8 @@ def cmd_assemble(args: argparse.Namespace) -> int:
 
 
 def cmd_bmap(args: argparse.Namespace) -> int:
+    from pitstop.image import bmap as bmaps  # noqa: PLC0415
+
     if not args.image.is_file():
         raise InputError(f"{args.image} is not a file")
     bars = _Bars(args.quiet)
@@ -127,6 +168,8 @@ def cmd_bmap(args: argparse.Namespace) -> int:
 
 
 def cmd_flash(args: argparse.Namespace) -> int:
+    from pitstop.image import flash  # noqa: PLC0415
+
     if not args.image.is_file():
         raise InputError(f"image {args.image} is not a file")
     bars = _Bars(args.quiet)
@@ -141,6 +184,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    from pitstop.image import partitions, provision, recipe  # noqa: PLC0415
+
     ca = provision.load_factory_ca(args.ca_cert, args.ca_key)
     try:
         token = args.token_file.read_text().strip()
@@ -160,3 +205,81 @@ def cmd_provision(args: argparse.Namespace) -> int:
     named = f" (host name {hostname})" if hostname else ""
     print(f"provisioned {args.target} as {args.device_id}{named}: {', '.join(sorted(files))}")
     return 0
+
+
+def _signer(args: argparse.Namespace) -> Signer | None:
+    from pitstop.ota.signing import signer_from_options  # noqa: PLC0415
+
+    return signer_from_options(args.key, args.sign_command, args.cert)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pitstop.image import build, disk, recipe  # noqa: PLC0415
+    from pitstop.image.progress import Stages, format_duration  # noqa: PLC0415
+
+    recipe.load(args.recipe)  # a bad recipe fails here, before anything else is looked at
+    source = args.source or build.source_tree()
+    if source is None or not (source / "pyproject.toml").is_file():
+        raise UsageError("no pitstop source tree to install into the image: give --source DIR (a checkout)")
+    sde = os.environ.get("SOURCE_DATE_EPOCH")
+    epoch = disk.epoch_now()
+    req = build.Request(
+        recipe=args.recipe,
+        output=args.output,
+        cache=args.cache or build.default_cache(),
+        source=source,
+        epoch=epoch,
+        pinned=sde is not None,
+        signer=_signer(args),
+        refresh=args.refresh,
+        extra_overlay=args.extra_overlay,
+        bundle=not args.no_bundle,
+    )
+    stages = Stages(enabled=not args.quiet)
+    res = build.build(req, stages)
+    o = res.outputs
+    total = sum(res.seconds.values())
+    reused = [k for k, v in res.reused.items() if v]
+    print(
+        f"built {res.manifest['recipe']['name']} in {format_duration(total)}"
+        + (f" ({', '.join(reused)} reused from {req.cache})" if reused else "")
+    )
+    for label, path in (
+        ("disk", o.disk),
+        ("bmap", o.bmap),
+        ("bundle", o.bundle),
+        ("rootfs", o.rootfs),
+        ("manifest", o.manifest),
+    ):
+        if path is not None:
+            print(f"  {label:9} {path}")
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    from pitstop.runner import run  # noqa: PLC0415
+
+    if not args.image.is_file() and not args.image.is_block_device():
+        raise InputError(f"image {args.image} is not a file")
+    if args.memory < 256 or args.cpus < 1:
+        raise UsageError("--memory must be at least 256 (MiB) and --cpus at least 1")
+    kvm = None if args.accel == "auto" else args.accel == "kvm"
+    if kvm and not qemu.kvm_usable(args.arch):
+        raise UsageError("KVM is not usable here (no vmx/svm on this CPU, or /dev/kvm not accessible): --accel tcg")
+    opts = qemu.BootOptions(
+        arch=args.arch,
+        memory_mib=args.memory,
+        cpus=args.cpus,
+        kvm=kvm,
+        network=not args.no_network,
+        ssh_port=args.ssh_port,
+        snapshot=args.snapshot,
+    )
+    with tempfile.TemporaryDirectory(prefix="pitstop-boot-") as tmp:
+        nvram = qemu.vars_copy(args.arch, Path(tmp) / "VARS.fd")
+        argv = qemu.argv(args.image, nvram, opts)
+        if args.print:
+            print(shlex.join(argv))
+            return 0
+        res = run(argv, interactive=True, check=False)
+    return res.returncode

@@ -24,15 +24,19 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pitstop.atomic import atomic_write
 from pitstop.image import ext4, partitions, systemconf
 from pitstop.image.datafs import DATA_LOG_DIR, IDENTITY_DIR, JOURNAL_DIR
 from pitstop.image.errors import ImageBuildError
 from pitstop.image.recipe import Recipe, render_hostname
+from pitstop.image.recipe import dumps as recipe_json
 from pitstop.runner import run
 
 DEB_ARCH = {"x86_64": "amd64"}
@@ -124,8 +128,9 @@ def mmdebstrap_version() -> str:
     return m[1] if m else "unknown"
 
 
-def base_key(recipe: Recipe, epoch: int, tool: str) -> str:
-    """What the base tarball depends on, hashed."""
+def base_key(recipe: Recipe, epoch: int | None, tool: str) -> str:
+    """What the base tarball depends on, hashed. `epoch`: SOURCE_DATE_EPOCH when the caller pinned one (a
+    reproducible build), None when the build just uses the current time: then the base is reused across builds."""
     fields = {
         "sources": apt_sources(recipe),
         "arch": recipe.target.arch,
@@ -134,7 +139,20 @@ def base_key(recipe: Recipe, epoch: int, tool: str) -> str:
         "epoch": epoch,
         "mmdebstrap": tool,
     }
+    return _digest(fields)
+
+
+def _digest(fields: object) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A cached stage's output: where it is, its key, whether this build reused it."""
+
+    path: Path
+    key: str
+    reused: bool
 
 
 @dataclass(frozen=True)
@@ -147,22 +165,28 @@ class Cache:
         return self.root / stage / f"{key}{suffix}"
 
     def prune(self, stage: str, keep: int = 3) -> None:
-        """Keep the `keep` most recently used outputs of `stage`."""
+        """Keep the outputs of the `keep` most recently used keys of `stage` (a key's files go together)."""
         d = self.root / stage
         if not d.is_dir():
             return
-        files = sorted((p for p in d.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
-        for p in files[:-keep]:
-            p.unlink()
+        by_key: dict[str, list[Path]] = {}
+        for p in d.iterdir():
+            if not p.name.startswith("."):
+                by_key.setdefault(p.name.split(".", 1)[0], []).append(p)
+        ranked = sorted(by_key.values(), key=lambda ps: max(p.stat().st_mtime for p in ps))
+        for ps in ranked[:-keep]:
+            for p in ps:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def build_base(recipe: Recipe, cache: Cache, epoch: int) -> tuple[Path, bool]:
-    """The base tarball, from the cache if there; returns (path, reused)."""
-    key = base_key(recipe, epoch, mmdebstrap_version())
+def build_base(recipe: Recipe, cache: Cache, epoch: int, *, pinned: bool = True, refresh: bool = False) -> Stage:
+    """The base tarball, from the cache if there (unless `refresh`). `pinned`: `epoch` is the caller's
+    SOURCE_DATE_EPOCH and part of the key; otherwise the build's current time, left out of the key."""
+    key = base_key(recipe, epoch if pinned else None, mmdebstrap_version())
     out = cache.path("base", key, ".tar")
-    if out.is_file():
+    if out.is_file() and not refresh:
         os.utime(out)
-        return out, True
+        return Stage(out, key, True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.unlink(missing_ok=True)
@@ -172,7 +196,7 @@ def build_base(recipe: Recipe, cache: Cache, epoch: int) -> tuple[Path, bool]:
     finally:
         tmp.unlink(missing_ok=True)
     cache.prune("base")
-    return out, False
+    return Stage(out, key, False)
 
 
 def unpack(tar: Path, tree: Path) -> None:
@@ -481,14 +505,147 @@ def wheelhouse(repo: Path, dest: Path, cache: Cache) -> Path:
     return dest
 
 
-# --- the stage ------------------------------------------------------------------------------------------------
+# --- the system stage: the base configured, pitstop installed (cached) --------------------------------------
+
+
+def wheels_digest(wheels: Path) -> str:
+    """The wheelhouse's identity: each wheel's name and the content of its members (zip timestamps aside)."""
+    h = hashlib.sha256()
+    for w in sorted(wheels.glob("*.whl")):
+        h.update(w.name.encode() + b"\0")
+        with zipfile.ZipFile(w) as z:
+            for info in sorted(z.infolist(), key=lambda i: i.filename):
+                h.update(f"{info.filename}\0{info.CRC:08x}\0{info.file_size}\0".encode())
+    return h.hexdigest()
+
+
+def system_key(recipe: Recipe, base: str, wheels: str, keyring_pem: bytes, epoch: int | None) -> str:
+    """What the system stage depends on: the base, the recipe minus what only later stages use (overlay,
+    partitions, bundle, models), the content of the files it reads, pitstop's wheels, the keyring."""
+    fields = json.loads(recipe_json(recipe))
+    for later in ("files", "partitions", "bundle", "model", "description"):
+        fields.pop(later, None)
+    files = [k for u in recipe.user for k in u.ssh_keys] + ([recipe.daemon.config] if recipe.daemon.config else [])
+    return _digest(
+        {
+            "base": base,
+            "recipe": fields,
+            "files": [hashlib.sha256(p.read_bytes()).hexdigest() for p in files],
+            "wheels": wheels,
+            "keyring": hashlib.sha256(keyring_pem).hexdigest(),
+            "epoch": epoch,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class System(Stage):
+    packages: list[str]  # "name version" of every Debian package installed
+
+
+def build_system(
+    recipe: Recipe,
+    cache: Cache,
+    base: Stage,
+    *,
+    workdir: Path,
+    keyring_pem: bytes,
+    wheels: Path,
+    epoch: int,
+    pinned: bool = True,
+) -> System:
+    """The configured tree as a tarball: the base unpacked and cleaned, the recipe's files, accounts, pitstop's
+    virtual environment, units enabled. Cached: an image whose recipe changed only in its overlay, partitions,
+    bundle or models reuses it."""
+    key = system_key(recipe, base.key, wheels_digest(wheels), keyring_pem, epoch if pinned else None)
+    out = cache.path("system", key, ".tar")
+    listing = cache.path("system", key, ".packages")
+    if out.is_file() and listing.is_file():
+        os.utime(out)
+        os.utime(listing)
+        return System(out, key, True, listing.read_text().splitlines())
+    tree = workdir / "system.tree"
+    if tree.exists():
+        shutil.rmtree(tree)
+    unpack(base.path, tree)
+    clean_tree(tree)
+    units = configure_tree(recipe, tree, keyring_pem=keyring_pem)
+    shutil.copytree(wheels, in_tree(tree, WHEELS_IN_TREE))
+    for cmd in [*user_commands(recipe), *pitstop_commands(), ["systemctl", "enable", *units]]:
+        chroot(tree, cmd, epoch)
+    install_authorized_keys(recipe, tree)
+    pkgs = installed_packages(tree)
+    shutil.rmtree(in_tree(tree, WHEELS_IN_TREE))
+    for junk in ("etc/ssh/ssh_host_*", "etc/*-"):  # what the chroot steps may have made (useradd backups)
+        for p in tree.glob(junk):
+            p.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        pack(tree, tmp)
+        atomic_write(listing, "".join(f"{p}\n" for p in pkgs).encode())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    shutil.rmtree(tree)
+    cache.prune("system")
+    return System(out, key, False, pkgs)
+
+
+def pack(tree: Path, out: Path) -> None:
+    """`tree` as a tarball that unpacks to the same owners, modes, times and extended attributes."""
+    run(
+        [
+            "tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
+            "-cpf", out, "-C", tree, ".",
+        ]
+    )  # fmt: skip
+
+
+# --- the rootfs stage: the system with the overlay, as a filesystem image ----------------------------------------
+
+# Room left in the rootfs image beyond what its files take: ext4's metadata (inode tables, journal, bitmaps).
+FS_OVERHEAD = 1.10
+FS_EXTRA = 64 << 20
+FS_ALIGN = 16 << 20
+
+
+def tree_usage(tree: Path) -> tuple[int, int]:
+    """(bytes in 4 KiB blocks, inodes) that `tree` takes, hard links counted once."""
+    seen: set[int] = set()
+    blocks = inodes = 0
+    for root, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(root, name))
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            inodes += 1
+            blocks += -(-st.st_size // 4096) if not stat.S_ISLNK(st.st_mode) or st.st_size > 59 else 0
+    return blocks * 4096, inodes + 1
+
+
+def fs_size(used: int, inodes: int, slot: int) -> int:
+    """The rootfs image's size: what the files take plus ext4's overhead, at most the slot. The rootfs is
+    read-only, so free space in it is only waste: the bundle is smaller and installs faster."""
+    want = int(used * FS_OVERHEAD) + inodes * 256 + FS_EXTRA
+    want = -(-want // FS_ALIGN) * FS_ALIGN
+    if want > slot:
+        raise ImageBuildError(
+            f"the root filesystem needs about {want >> 20} MiB, a slot has {slot >> 20} MiB: "
+            "raise partitions.rootfs in the recipe or install less"
+        )
+    return want
 
 
 @dataclass(frozen=True)
 class Rootfs:
     image: Path
     base_reused: bool
-    packages: list[str]  # "name version" of every installed package
+    system_reused: bool
+    packages: list[str]  # "name version" of every installed Debian package
+    base_key: str
+    system_key: str
 
 
 def installed_packages(tree: Path) -> list[str]:
@@ -497,37 +654,48 @@ def installed_packages(tree: Path) -> list[str]:
 
 
 def build_rootfs(
-    recipe: Recipe, out: Path, *, workdir: Path, cache: Cache, keyring_pem: bytes, wheels: Path, epoch: int
+    recipe: Recipe,
+    out: Path,
+    *,
+    workdir: Path,
+    cache: Cache,
+    keyring_pem: bytes,
+    wheels: Path,
+    epoch: int,
+    pinned: bool = True,
+    refresh: bool = False,
+    extra_overlay: Path | None = None,
+    on_stage: Callable[[str, bool], None] | None = None,
 ) -> Rootfs:
-    """The slot image of `recipe` at `out` (slot-sized ext4). `wheels`: a directory with pitstop's wheel and its
-    dependencies' (`wheelhouse`)."""
+    """The rootfs image of `recipe` at `out`: ext4, sized to its content (at most a slot). `wheels`: a
+    directory with pitstop's wheel and its dependencies' (`wheelhouse`). `extra_overlay`: applied after the
+    recipe's (a development image's test hooks). `on_stage(name, reused)` is called as the base and system
+    stages finish."""
     if os.geteuid() != 0:
         raise ImageBuildError("building a rootfs needs root (mmdebstrap --mode=root, chroot)")
-    base, reused = build_base(recipe, cache, epoch)
+    base = build_base(recipe, cache, epoch, pinned=pinned, refresh=refresh)
+    if on_stage:
+        on_stage("base", base.reused)
+    system = build_system(
+        recipe, cache, base, workdir=workdir, keyring_pem=keyring_pem, wheels=wheels, epoch=epoch, pinned=pinned
+    )
+    if on_stage:
+        on_stage("system", system.reused)
     tree = workdir / "rootfs.tree"
     if tree.exists():
         shutil.rmtree(tree)
-    unpack(base, tree)
-    clean_tree(tree)
-    units = configure_tree(recipe, tree, keyring_pem=keyring_pem)
-    shutil.copytree(wheels, in_tree(tree, WHEELS_IN_TREE))
-    for cmd in [*user_commands(recipe), *pitstop_commands(), ["systemctl", "enable", *units]]:
-        chroot(tree, cmd, epoch)
-    install_authorized_keys(recipe, tree)
-    if recipe.files.overlay is not None:
-        copy_overlay(recipe.files.overlay, tree)
-    pkgs = installed_packages(tree)
-    shutil.rmtree(in_tree(tree, WHEELS_IN_TREE))
-    for junk in ("etc/ssh/ssh_host_*", "etc/*-"):  # what the chroot steps may have made (useradd backups)
-        for p in tree.glob(junk):
-            p.unlink()
+    unpack(system.path, tree)
+    for overlay in (recipe.files.overlay, extra_overlay):
+        if overlay is not None:
+            copy_overlay(overlay, tree)
+    used, inodes = tree_usage(tree)
     ext4.make_ext4(
         out,
-        recipe.partitions.rootfs,
+        fs_size(used, inodes, recipe.layout().part(partitions.SLOT_PARTITIONS["a"]).size),
         tree,
         label=ROOTFS_LABEL,
         uuid=partitions.identity_uuid(recipe.identity, "fs:rootfs"),
         epoch=epoch,
     )
     shutil.rmtree(tree)
-    return Rootfs(out, reused, pkgs)
+    return Rootfs(out, base.reused, system.reused, system.packages, base.key, system.key)

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from pitstop.ota.casync_export import export_casync
 from pitstop.ota.errors import SignatureError
 from pitstop.ota.keyring import load_keyring
 from pitstop.ota.manifest import Manifest
-from pitstop.ota.signing import CommandSigner, KeyFileSigner, Signer
+from pitstop.ota.signing import Signer, signer_from_options
 from pitstop.ota.trust import RELEASE_TIME_FLOOR, Clock, ClockPolicy, signer_info
 from pitstop.progress import Progress, human_size
 
@@ -54,17 +53,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _signer(args: argparse.Namespace) -> Signer | None:
-    if args.key and args.sign_command:
-        raise UsageError("give --key or --sign-command, not both")
-    if not (args.key or args.sign_command):
-        if args.cert:
-            raise UsageError("--cert needs --key or --sign-command")
-        return None
-    if not args.cert:
-        raise UsageError("signing needs --cert (the signing certificate, then intermediates)")
-    if args.key:
-        return KeyFileSigner.load(args.key, args.cert)
-    return CommandSigner.load(shlex.split(args.sign_command), args.cert)
+    return signer_from_options(args.key, args.sign_command, args.cert)
 
 
 def _parse_floor(value: str | None) -> datetime:

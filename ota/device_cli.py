@@ -6,13 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pitstop.errors import UsageError
 from pitstop.ota import system_config
 from pitstop.ota.device import Device, DeviceStatus
-from pitstop.ota.http_source import HttpOptions
-from pitstop.ota.installer import Installer, InstallProgress
+
+if TYPE_CHECKING:
+    from pitstop.ota.installer import InstallProgress
 from pitstop.progress import Progress
 
 
@@ -70,6 +71,10 @@ def _headers(values: list[str]) -> tuple[tuple[str, str], ...]:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    # Only `install` needs HTTP (requests) and the installer: `mark-good`, run at every boot, starts faster.
+    from pitstop.ota.http_source import HttpOptions  # noqa: PLC0415
+    from pitstop.ota.installer import Installer  # noqa: PLC0415
+
     try:
         headers = _headers(args.header)
     except argparse.ArgumentTypeError as e:

@@ -98,12 +98,14 @@ class DevPki:
 
 
 def make_dev_pki(kind: str = "ecdsa-p256", name: str = "pitstop dev", *, signing_not_before: datetime | None = None,
-                 signing_not_after: datetime | None = None) -> DevPki:
+                 signing_not_after: datetime | None = None, not_before: datetime | None = None) -> DevPki:
+    """`not_before`: of all three certificates (default: a day ago); `signing_not_*` override the signing one's."""
     root_key, int_key, sig_key = new_key(kind), new_key(kind), new_key(kind)
-    root = issue(root_key, f"{name} root CA", ca=True, path_length=1)
-    inter = issue(int_key, f"{name} intermediate CA", issuer_key=root_key, issuer=root, ca=True, path_length=0)
+    root = issue(root_key, f"{name} root CA", ca=True, path_length=1, not_before=not_before)
+    inter = issue(int_key, f"{name} intermediate CA", issuer_key=root_key, issuer=root, ca=True, path_length=0,
+                  not_before=not_before)
     signing = issue(sig_key, f"{name} signing", issuer_key=int_key, issuer=inter, ca=False,
-                    not_before=signing_not_before, not_after=signing_not_after)
+                    not_before=signing_not_before or not_before, not_after=signing_not_after)
     return DevPki(root, root_key, inter, int_key, signing, sig_key)
 
 

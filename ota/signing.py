@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from pitstop import runner
-from pitstop.errors import CommandError
+from pitstop.errors import CommandError, UsageError
 from pitstop.ota.errors import KeyringError, SignatureError, SigningError
 from pitstop.ota.keyring import load_certificates
 from pitstop.ota.trust import ECDSA_P256_SHA256, ED25519, SignatureBlock, valid_at, verify_raw_signature
@@ -80,8 +81,10 @@ class KeyFileSigner:
         if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
             raise SigningError("the signing key is neither ECDSA P-256 nor Ed25519")
         pub = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        cert_pub = certs[0].public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        cert_pub = (
+            certs[0]
+            .public_key()
+            .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
         if pub != cert_pub:
             raise SigningError("the signing key does not belong to the first certificate given")
@@ -150,3 +153,19 @@ def sign_manifest(signer: Signer, manifest_bytes: bytes, signed_at: datetime | N
     except SignatureError:
         raise SigningError("the signature produced does not verify against the signing certificate") from None
     return SignatureBlock(signer.algorithm, signature, certs)
+
+
+def signer_from_options(key: Path | None, sign_command: str | None, certs: Sequence[Path]) -> Signer | None:
+    """The signer a command line asks for (`--key` or `--sign-command`, with `--cert`s), or None for none."""
+    if key and sign_command:
+        raise UsageError("give --key or --sign-command, not both")
+    if not (key or sign_command):
+        if certs:
+            raise UsageError("--cert needs --key or --sign-command")
+        return None
+    if not certs:
+        raise UsageError("signing needs --cert (the signing certificate, then intermediates)")
+    if key:
+        return KeyFileSigner.load(key, certs)
+    assert sign_command is not None
+    return CommandSigner.load(shlex.split(sign_command), certs)

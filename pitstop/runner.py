@@ -62,8 +62,11 @@ def _describe(returncode: int) -> str:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # not a group leader (interactive) or already gone
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
     proc.wait()
 
 
@@ -76,21 +79,26 @@ def run(
     check: bool = True,
     capture: bool = True,
     timeout: float | None = None,
+    interactive: bool = False,
 ) -> Result:
-    """Run `cmd` and return its result; raise `CommandError` if it cannot start, times out or fails."""
+    """Run `cmd` and return its result; raise `CommandError` if it cannot start, times out or fails.
+    `interactive`: the command gets the caller's terminal (stdin, stdout, stderr) and its signals, as a
+    console does (`pitstop image boot`)."""
     argv = [os.fspath(a) for a in cmd]
     log.debug("+ %s", shlex.join(argv))
-    pipe = subprocess.PIPE if capture else None
+    pipe = subprocess.PIPE if capture and not interactive else None
+    stdin = None if interactive else subprocess.PIPE if input is not None else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(
             argv,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdin=stdin,
             stdout=pipe,
             stderr=pipe,
             env=clean_env(env),
             cwd=cwd,
-            # Its own process group, so a timeout or interrupt ends the whole tree it started.
-            start_new_session=True,
+            # Its own process group, so a timeout or interrupt ends the whole tree it started; an interactive
+            # command stays in the terminal's.
+            start_new_session=not interactive,
         )
     except FileNotFoundError as e:
         raise CommandError(f"{argv[0]}: command not found", returncode=127) from e

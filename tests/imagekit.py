@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from bundlekit import CliResult, run_cli
-from conftest import find_tool
+from conftest import find_tool, in_ci
 from cryptography import x509
 
 import pitstop.cli
@@ -230,3 +230,20 @@ def image_cli_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 
 def dedent(text: str) -> str:
     return textwrap.dedent(text)
+
+
+def guest_kernel_or_skip() -> Path:
+    """The tests/vm guest's kernel, with busybox and OVMF present; skips (fails under CI=true) otherwise."""
+    from vm import image as vm_image
+    from vm import kernel
+    from vm.qemu import OVMF_VARS
+
+    find_tool("busybox")
+    if not OVMF_VARS.is_file():
+        pytest.skip(f"{OVMF_VARS} missing (apt package ovmf)")
+    try:
+        return vm_image.guest_kernel()
+    except kernel.KernelMissing as e:
+        if in_ci():
+            pytest.fail(str(e))
+        pytest.skip(str(e))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import find_tool, in_ci
+from conftest import find_tool
 from imagekit import (
     RECIPE,
     SDE,
@@ -25,6 +25,7 @@ from imagekit import (
     debugfs,
     debugfs_cat,
     fsck_clean,
+    guest_kernel_or_skip,
     image_cli_run,
     inode_mode,
     make_rootfs,
@@ -370,18 +371,9 @@ def test_assembled_disk_boots_slot_a(tmp_path: Path, tools: None) -> None:
     """The tests/vm guest (a kernel and a busybox initramfs reporting its slot) as slot a of a disk built by
     image/disk.py: UEFI → our GRUB binary → grub.cfg + platform file → slot a; GRUB spends one try."""
     from vm import image as vm_image
-    from vm import kernel
-    from vm.qemu import OVMF_VARS, Vm
+    from vm.qemu import Vm
 
-    find_tool("busybox")
-    if not OVMF_VARS.is_file():
-        pytest.skip(f"{OVMF_VARS} missing (apt package ovmf)")
-    try:
-        vmlinuz = vm_image.guest_kernel()
-    except kernel.KernelMissing as e:
-        if in_ci():
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    vmlinuz = guest_kernel_or_skip()
     r = recipe.load(write_recipe(tmp_path / "recipe"))
     slot = vm_image.build_slot(tmp_path / "guest", vmlinuz, "good", r.partitions.rootfs)
     parts = disk.build_disk(r, slot, tmp_path / "disk.img", tmp_path / "work", epoch=SDE)

@@ -21,6 +21,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
+from pitstop.image import qemu as image_qemu
+from pitstop.image.qemu import BootOptions
+
 QEMU = "qemu-system-x86_64"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -57,11 +60,16 @@ class Vm:
     `limit` is the hard cap on the VM's whole life: no wait runs past it, whatever its own timeout.
     """
 
-    def __init__(self, disk: Path, workdir: Path, *, name: str = "vm", limit: float = 300.0) -> None:
+    def __init__(self, disk: Path, workdir: Path, *, name: str = "vm", limit: float = 300.0,
+                 opts: BootOptions | None = None, console_input: bool = False) -> None:
+        """`opts`: boot as `pitstop image boot` does (image/qemu.py: network, more memory); default: the minimal
+        machine of `qemu_argv`. `console_input`: keep QEMU's stdin open for `send` (typing on the serial
+        console)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.vars = workdir / f"{name}-OVMF_VARS.fd"
         shutil.copyfile(OVMF_VARS, self.vars)  # fresh firmware variables per run (notes, pitfall 10)
-        self.argv = qemu_argv(disk, self.vars)
+        self.argv = qemu_argv(disk, self.vars) if opts is None else image_qemu.argv(disk, self.vars, opts)
+        self.console_input = console_input
         self.log_path = workdir / f"{name}-serial.log"
         self.limit = limit
         self.lines: list[Line] = []
@@ -78,7 +86,8 @@ class Vm:
         self._log = self.log_path.open("w", encoding="utf-8")
         self._log.write(f"# {shlex.join(self.argv)}\n")
         try:
-            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stdin = subprocess.PIPE if self.console_input else subprocess.DEVNULL
+            self._proc = subprocess.Popen(self.argv, stdin=stdin, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         except BaseException:
             self._log.close()
@@ -173,6 +182,17 @@ class Vm:
             self._proc.wait()
         if self._reader is not None:
             self._reader.join(10)
+
+    def send(self, text: str) -> None:
+        """Type `text` on the serial console (needs `console_input`)."""
+        assert self._proc is not None and self._proc.stdin is not None, "Vm(console_input=True) to type"
+        self._proc.stdin.write(text.encode())
+        self._proc.stdin.flush()
+
+    def mark(self) -> int:
+        """The index the next line will have: `wait_for(..., start=vm.mark())` sees only what comes after."""
+        with self._cond:
+            return len(self.lines)
 
     def matching(self, pattern: str) -> list[Line]:
         rx = re.compile(pattern)

@@ -5,11 +5,13 @@ Issue targets (issue 4), each measured in this run:
   most 0.25x the cold build (an empty stage cache: mmdebstrap downloads and installs every package);
 - pitstop's own start takes at most 2 s of the boot: the run time of the process that `pitstop-mark-good.service`
   starts (`pitstop mark-good`: interpreter start, imports, reading the device state, writing grubenv), from
-  systemd's ExecMainStartTimestamp to ExecMainExitTimestamp, read inside the guest.
+  systemd's ExecMainStartTimestamp to ExecMainExitTimestamp, read inside the guest. Under TCG every instruction
+  is emulated, so the guest also times, once the boot is over, `pitstop status` and a bare `python3 -c pass`:
+  the interpreter alone is the floor pitstop's start is compared with.
 
 Also printed: the image's sizes (apparent, allocated, mapped in the block map, compressed with `zstd -3`) and
-the first bundle's; boot to ready: QEMU start to `PITSTOP-READY` on the serial console, split into the time
-before pitstop's unit starts and the unit itself.
+the first bundle's; boot to ready: QEMU start to `PITSTOP-READY` on the serial console, and the guest's own
+clock from its kernel's start to pitstop's unit starting.
 
 How: the recipe and its files are copied to a temporary directory (the overlay edit never touches the
 repository); both builds run `pitstop image build` as a subprocess with the same extra overlay, a
@@ -62,12 +64,16 @@ WantedBy=multi-user.target
 
 REPORT = """\
 #!/bin/sh
-# Monotonic timestamps (microseconds since the kernel started) of pitstop's unit, then power off.
+# Monotonic timestamps (microseconds since the kernel started) of pitstop's unit; then, on a quiet system,
+# the wall time of `pitstop status` and of a bare `python3 -c pass` (the interpreter alone); then power off.
 u=pitstop-mark-good.service
 v() { systemctl show -P "$1" "$u"; }
+ms() { s=$(date +%s%N); "$@" >/dev/null 2>&1; e=$(date +%s%N); echo $(( (e - s) / 1000000 )); }
+sleep 5
+py=$(ms python3 -c pass)
+st=$(ms /opt/pitstop/bin/pitstop status)
 echo "BENCH-BOOT inactive_exit=$(v InactiveExitTimestampMonotonic) main_start=$(v ExecMainStartTimestampMonotonic)" \\
-     "main_exit=$(v ExecMainExitTimestampMonotonic) active=$(v ActiveEnterTimestampMonotonic)" \\
-     "uptime=$(cut -d' ' -f1 /proc/uptime)" >/dev/console
+     "main_exit=$(v ExecMainExitTimestampMonotonic) idle_python_ms=$py idle_status_ms=$st" >/dev/console
 systemctl --no-block poweroff
 """
 
@@ -167,13 +173,13 @@ def boot(image: Path, tmp: Path, limit: float = 600.0) -> dict[str, float]:
         sys.exit(f"the image did not report ready within {limit:.0f} s (serial log: {tmp / 'serial.log'})")
     us = 1e6
     own = (report["main_exit"] - report["main_start"]) / us
-    unit = (report["active"] - report["inactive_exit"]) / us
     return {
         "boot_to_ready_s": ready,
-        "before_pitstop_unit_s": ready - unit,
-        "pitstop_unit_s": unit,
+        # The guest's clock starts with its kernel; the host saw QEMU start earlier (firmware, GRUB).
+        "kernel_to_pitstop_unit_s": report["inactive_exit"] / us,
         "pitstop_own_start_s": own,
-        "kernel_to_unit_s": report["inactive_exit"] / us,
+        "idle_pitstop_status_s": report["idle_status_ms"] / 1000,
+        "idle_python_s": report["idle_python_ms"] / 1000,
         "kvm": float(kvm),
     }
 
@@ -267,12 +273,16 @@ def report(res: dict[str, object]) -> None:
         own = b["pitstop_own_start_s"]
         accel = "KVM" if b["kvm"] else "TCG"
         print(
-            f"boot to ready (QEMU {accel}, 1 vCPU)         {b['boot_to_ready_s']:7.1f} s: before pitstop's unit "
-            f"{b['before_pitstop_unit_s']:.1f} s, the unit {b['pitstop_unit_s']:.2f} s"
+            f"boot to ready (QEMU {accel}, 1 vCPU)         {b['boot_to_ready_s']:7.1f} s; kernel start to pitstop's "
+            f"unit {b['kernel_to_pitstop_unit_s']:.1f} s"
         )
         print(
-            f"pitstop's own start (mark-good process)   {own:7.2f} s   {own / START_TARGET_S:.3f}x the 2 s target: "
+            f"pitstop's own start (mark-good at boot)   {own:7.2f} s   {own / START_TARGET_S:.3f}x the 2 s target: "
             f"{verdict(own <= START_TARGET_S)}"
+        )
+        print(
+            f"  on the quiet system after boot: `pitstop status` {b['idle_pitstop_status_s']:.2f} s, "
+            f"bare `python3 -c pass` {b['idle_python_s']:.2f} s ({accel}: compare with the interpreter alone)"
         )
 
 

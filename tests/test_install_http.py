@@ -21,7 +21,7 @@ from devicekit import TestDevice as Dev
 from devicekit import make_device
 from httpkit import Faults, FileServer, TlsFiles, make_tls
 
-from pitstop.ota import device_cli
+from pitstop.ota import http_source
 from pitstop.ota.bundle_reader import read_preamble
 from pitstop.ota.errors import PayloadError
 from pitstop.ota.http_source import DownloadError, HttpOptions
@@ -71,8 +71,9 @@ def server() -> Iterator[FileServer]:
 
 @pytest.fixture
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI's HTTP options with a short back-off (the defaults wait 0.5 s, 1 s, 2 s, ...)."""
-    monkeypatch.setattr(device_cli, "HttpOptions", functools.partial(HttpOptions, backoff=0.01, backoff_max=0.05))
+    """The CLI's HTTP options with a short back-off (the defaults wait 0.5 s, 1 s, 2 s, ...). `pitstop install`
+    imports HttpOptions when it runs, from the module patched here."""
+    monkeypatch.setattr(http_source, "HttpOptions", functools.partial(HttpOptions, backoff=0.01, backoff_max=0.05))
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from pitstop.atomic import atomic_write
 from pitstop.errors import UsageError
 from pitstop.image import bmap as bmaps
 from pitstop.image import disk, recipe, rootfs, sparse
+from pitstop.image.datafs import file_sha256
 from pitstop.image.errors import ImageBuildError
 from pitstop.image.progress import Stages
 from pitstop.image.recipe import Recipe
@@ -34,6 +34,7 @@ from pitstop.ota import devkeys
 from pitstop.ota.bundle_reader import Policy, open_verified, verify_payloads
 from pitstop.ota.bundle_spec import BundleSpec, PayloadSpec
 from pitstop.ota.bundle_writer import create_bundle
+from pitstop.ota.installer import bundle_info
 from pitstop.ota.keyring import load_keyring
 from pitstop.ota.signing import KeyFileSigner, Signer
 from pitstop.ota.trust import Clock, ClockPolicy
@@ -106,6 +107,7 @@ class Result:
 
 @dataclass(frozen=True)
 class Keys:
+    keyring: Path  # a PEM file or directory, as load_keyring takes it
     keyring_pem: bytes
     signer: Signer | None
     where: str  # for the manifest and messages
@@ -136,7 +138,7 @@ def resolve_keys(r: Recipe, req: Request) -> Keys:
         req.cache.mkdir(parents=True, exist_ok=True)
         d = dev_keys(req.cache.resolve())
         signer = KeyFileSigner.load(d / "signing.key", [d / "chain.pem"])
-        return Keys((d / "keyring.pem").read_bytes(), signer, f"development keys in {d}")
+        return Keys(d / "keyring.pem", (d / "keyring.pem").read_bytes(), signer, f"development keys in {d}")
     assert isinstance(r.keys.keyring, Path)
     path = r.keys.keyring
     pem = b"".join(p.read_bytes() for p in sorted(path.glob("*.pem"))) if path.is_dir() else path.read_bytes()
@@ -145,31 +147,18 @@ def resolve_keys(r: Recipe, req: Request) -> Keys:
             f"the recipe's keyring is {path}: sign the first bundle with --key/--cert or --sign-command "
             "(or build without it: --no-bundle)"
         )
-    return Keys(pem, req.signer, str(path))
+    return Keys(path, pem, req.signer, str(path))
 
 
 # --- the build ---------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
-
-
-def _copy_sparse(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    run(["cp", "--sparse=always", "--reflink=auto", src, tmp])
-    os.replace(tmp, dst)
-
-
-def first_bundle(r: Recipe, rootfs_image: Path, out: Path, keys: Keys, epoch: int, stages: Stages) -> dict[str, Any]:
-    """The first bundle: slot a's rootfs as a signed bundle, checked the way a device of this image would check
-    it (its keyring, its compatible string, every chunk). Returns what the data partition records for slot a."""
+def first_bundle(
+    r: Recipe, rootfs_image: Path, out: Path, keys: Keys, epoch: int, stages: Stages, *, source: Path
+) -> dict[str, Any]:
+    """The first bundle at `out` (to be moved to `source`): slot a's rootfs as a signed bundle, checked the way a
+    device of this image would check it (its keyring, its compatible string, every chunk). Returns what the data
+    partition records for slot a, as an install of that bundle would have recorded it."""
     spec = BundleSpec(
         version=r.bundle.version,
         security_version=r.bundle.security_version,
@@ -181,29 +170,12 @@ def first_bundle(r: Recipe, rootfs_image: Path, out: Path, keys: Keys, epoch: in
     size = rootfs_image.stat().st_size
     with stages.bar("bundle: chunk, compress, sign", size) as update:
         create_bundle(spec, out, keys.signer, progress=update)
-    keyring = load_keyring_bytes(keys.keyring_pem)
+    keyring = load_keyring(keys.keyring)
     clock = Clock(ClockPolicy(r.keys.clock), datetime.now(UTC), datetime.fromtimestamp(epoch, UTC))
     with out.open("rb") as f, stages.bar("bundle: verify as the device will", size) as update:
         vp = open_verified(f, Policy(keyring, clock, r.target.compatible, r.bundle.security_version))
         verify_payloads(f, vp.manifest, update)
-    m = vp.manifest
-    return {
-        "version": m.version,
-        "security_version": m.security_version,
-        "compatible": m.compatible,
-        "created": m.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "manifest_sha256": hashlib.sha256(vp.preamble.manifest_bytes).hexdigest(),
-        "payloads": [p.name for p in m.payloads],
-        "signer": vp.signer.subject,
-        "source": f"image build {out.name}",
-    }
-
-
-def load_keyring_bytes(pem: bytes) -> list[Any]:
-    with tempfile.NamedTemporaryFile(suffix=".pem") as f:
-        f.write(pem)
-        f.flush()
-        return load_keyring(Path(f.name))
+    return bundle_info(vp, str(source))
 
 
 def build(req: Request, stages: Stages) -> Result:
@@ -241,11 +213,13 @@ def build(req: Request, stages: Stages) -> Result:
                 on_stage=lambda name, reused: st.note(f"{name} {'reused from the cache' if reused else 'built'}"),
             )
         result.reused.update(base=built.base_reused, system=built.system_reused)
-        rootfs_sha = sha256_file(rootfs_tmp)
+        rootfs_sha = file_sha256(rootfs_tmp)
         slot_a: dict[str, Any] | None = None
         if outs.bundle is not None:
             with stages.step("bundle", f"{outs.bundle.name}, signed with {keys.where}"):
-                slot_a = first_bundle(r, rootfs_tmp, work / outs.bundle.name, keys, req.epoch, stages)
+                slot_a = first_bundle(
+                    r, rootfs_tmp, work / outs.bundle.name, keys, req.epoch, stages, source=outs.bundle
+                )
                 os.replace(work / outs.bundle.name, outs.bundle)
         with stages.step("disk", f"{outs.disk.name}: ESP, slot a, data"):
             disk_tmp = work / outs.disk.name
@@ -270,7 +244,7 @@ def python_packages(wheels: Path) -> list[dict[str, str]]:
     out = []
     for w in sorted(wheels.glob("*.whl")):
         name, version = w.name.split("-")[:2]
-        out.append({"name": name, "version": version, "wheel": w.name, "sha256": sha256_file(w)})
+        out.append({"name": name, "version": version, "wheel": w.name, "sha256": file_sha256(w)})
     return out
 
 
@@ -306,7 +280,7 @@ def build_manifest(
     result: Result,
 ) -> dict[str, Any]:
     def file_entry(p: Path, sha: str | None = None) -> dict[str, Any]:
-        return {"file": p.name, "size": p.stat().st_size, "sha256": sha or sha256_file(p)}
+        return {"file": p.name, "size": p.stat().st_size, "sha256": sha or file_sha256(p)}
 
     debs = []
     for line in built.packages:
@@ -330,7 +304,7 @@ def build_manifest(
         "recipe": {
             "name": r.name,
             "file": str(req.recipe),
-            "sha256": sha256_file(req.recipe),
+            "sha256": file_sha256(req.recipe),
             "compatible": r.target.compatible,
             "version": r.bundle.version,
             "security_version": r.bundle.security_version,
@@ -355,9 +329,9 @@ def build_manifest(
 
 def _input_digest(p: Path) -> str:
     if p.is_file():
-        return sha256_file(p)
+        return file_sha256(p)
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file() or q.is_symlink()):
         h.update(str(f.relative_to(p)).encode() + b"\0")
-        h.update(os.readlink(f).encode() if f.is_symlink() else bytes.fromhex(sha256_file(f)))
+        h.update(os.readlink(f).encode() if f.is_symlink() else bytes.fromhex(file_sha256(f)))
     return h.hexdigest()

@@ -112,7 +112,8 @@ def _version_id(m: Manifest, p: Payload) -> str:
     return f"{m.version}-{p.sha256[:12]}"
 
 
-def _bundle_info(vp: VerifiedPreamble, source: str) -> dict[str, Any]:
+def bundle_info(vp: VerifiedPreamble, source: str) -> dict[str, Any]:
+    """What the state file records about the bundle a slot holds (also written by the image builder)."""
     m = vp.manifest
     return {
         "version": m.version, "security_version": m.security_version, "compatible": m.compatible,
@@ -185,7 +186,7 @@ class Installer:
             written, indexes = self._write_payloads(f, m, target)
             expect_eof(f)
             bytes_read = int(getattr(f, "bytes_received", f.tell()))
-        info = _bundle_info(vp, source)
+        info = bundle_info(vp, source)
         if target is not None:
             self._save_slot_record(target, vp, info["manifest_sha256"][:16], indexes)
             rec = slot_state.finish_install(state.record, target, info)

@@ -37,6 +37,7 @@ from imagekit import (
 )
 
 from pitstop.image import build, qemu, recipe, rootfs
+from pitstop.image.datafs import file_sha256
 from pitstop.image.errors import ImageBuildError
 from pitstop.image.progress import Stages, format_duration
 from pitstop.ota import grubenv
@@ -71,7 +72,7 @@ def test_first_bundle_verifies_as_the_device_will(tmp_path: Path, capsys: pytest
     req = build.Request(path, tmp_path / "out", tmp_path / "c", REPO, SDE, True)
     keys = build.resolve_keys(r, req)
     stages = Stages(enabled=False)
-    info = build.first_bundle(r, img, tmp_path / "first.pitb", keys, SDE, stages)
+    info = build.first_bundle(r, img, tmp_path / "first.pitb", keys, SDE, stages, source=tmp_path / "first.pitb")
     assert (info["version"], info["security_version"], info["compatible"]) == ("1.2.3", 4, "pitstop-test-image")
     assert info["created"] == "2023-11-14T22:13:20Z" and info["payloads"] == ["rootfs"]
     res = run_cli(
@@ -252,9 +253,9 @@ def test_ipc_build_outputs(ipc_image: build.Result, capsys: pytest.CaptureFixtur
         assert pkg in names, pkg
     wheels = {p["name"] for p in m["python"]}
     assert {"pitstop", "onnxruntime", "numpy"} <= wheels
-    assert m["artifacts"]["rootfs"]["sha256"] == build.sha256_file(o.rootfs)
-    assert o.bundle is not None and m["artifacts"]["bundle"]["sha256"] == build.sha256_file(o.bundle)
-    assert m["artifacts"]["disk"]["bmap"]["sha256"] == build.sha256_file(o.bmap)
+    assert m["artifacts"]["rootfs"]["sha256"] == file_sha256(o.rootfs)
+    assert o.bundle is not None and m["artifacts"]["bundle"]["sha256"] == file_sha256(o.bundle)
+    assert m["artifacts"]["disk"]["bmap"]["sha256"] == file_sha256(o.bmap)
     assert json.loads(o.manifest.read_text()) == m
     # The rootfs is sized to its content, not to the slot.
     assert o.rootfs.stat().st_size < recipe.load(IPC_RECIPE).partitions.rootfs
@@ -407,6 +408,6 @@ def test_rootfs_is_reproducible(ipc_image: build.Result, tmp_path: Path) -> None
             wheels=wheels, epoch=SDE,
         )  # fmt: skip
         assert built.base_reused and not built.system_reused
-        hashes.append(build.sha256_file(built.image))
+        hashes.append(file_sha256(built.image))
         shutil.rmtree(cache.root)
     assert hashes[0] == hashes[1]

@@ -34,10 +34,10 @@ from pitstop.ota import devkeys
 from pitstop.ota.bundle_reader import Policy, open_verified, verify_payloads
 from pitstop.ota.bundle_spec import BundleSpec, PayloadSpec
 from pitstop.ota.bundle_writer import create_bundle
+from pitstop.ota.clock import Clock, ClockPolicy
 from pitstop.ota.installer import bundle_info
 from pitstop.ota.keyring import load_keyring
 from pitstop.ota.signing import KeyFileSigner, Signer
-from pitstop.ota.trust import Clock, ClockPolicy
 from pitstop.runner import run
 
 MANIFEST_FORMAT = 1
@@ -202,7 +202,6 @@ def build(req: Request, stages: Stages) -> Result:
             built = rootfs.build_rootfs(
                 r,
                 rootfs_tmp,
-                workdir=work,
                 cache=cache,
                 keyring_pem=keys.keyring_pem,
                 wheels=wheels,

@@ -42,11 +42,11 @@ from pitstop.image.settings import (
     tables,
 )
 from pitstop.image.sizes import MiB, format_size
+from pitstop.ota.clock import ClockPolicy
 from pitstop.ota.errors import BundleError, KeyringError
 from pitstop.ota.keyring import load_keyring
 from pitstop.ota.manifest import COMPATIBLE_RE, MODEL_DESCRIPTION_FILE, check_name, check_semver, check_target
 from pitstop.ota.system_config import MAX_TRIES
-from pitstop.ota.trust import ClockPolicy
 
 DEV_KEYRING = "dev"
 DATA_MIN = 16 * MiB

@@ -10,7 +10,9 @@ Stages, the slow one cached:
 2. **tree**: the base unpacked, the recipe's files written (`configure_tree`: pure file writes, tested without
    a Debian tree), then the commands that need the tree's own tools run in a chroot (`chroot_commands`:
    accounts, units, pitstop's virtual environment from a wheelhouse). Seconds plus pip.
-3. **image**: the tree as a slot-sized ext4 image (image/ext4.py), reproducible.
+   Cached as `<cache>/system/<key>.tree`, a directory, times clamped to the epoch.
+3. **image**: a hard-linked copy of the system tree (seconds, where unpacking a tarball took half a minute),
+   the overlay over it, then ext4 sized to its content (image/ext4.py), reproducible.
 
 Reproducible: mmdebstrap honours SOURCE_DATE_EPOCH; `base.snapshot` pins every package version through
 snapshot.debian.org; Python byte code is compiled with SOURCE_DATE_EPOCH set (hash-based .pyc); host keys,
@@ -26,12 +28,13 @@ import re
 import shutil
 import stat
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pitstop.atomic import atomic_write
+from pitstop.atomic import atomic_write, fsync_dir
 from pitstop.image import ext4, partitions, systemconf
 from pitstop.image.datafs import DATA_LOG_DIR, IDENTITY_DIR, JOURNAL_DIR
 from pitstop.image.errors import ImageBuildError
@@ -243,11 +246,16 @@ def _symlink(tree: Path, path: str, target: str) -> None:
 # local-fs.target, so the journal, /var/log and every service find them (notes/qemu-ab-image.md, pitfall 4).
 FSTAB = f"""\
 # pitstop: the root filesystem is a read-only slot; what changes lives on data or in tmpfs (docs/image.md).
-PARTLABEL=data  {systemconf.DATA_DIR}  ext4  defaults,noatime,x-systemd.device-timeout=30s  0  2
+PARTLABEL=data  {systemconf.DATA_DIR}  ext4  defaults,noatime,x-systemd.growfs,x-systemd.device-timeout=30s  0  2
 PARTLABEL=esp   {systemconf.ESP_MOUNT}  vfat  umask=0077,sync,x-systemd.device-timeout=30s  0  2
 tmpfs  /tmp      tmpfs  mode=1777,nosuid,nodev  0  0
 tmpfs  /var/tmp  tmpfs  mode=1777,nosuid,nodev  0  0
 """
+# The data partition takes the rest of whatever disk the image is flashed to: systemd-repart grows it at boot
+# (it never shrinks, moves or deletes a partition, and moves the backup GPT to the disk's end), then
+# x-systemd.growfs in FSTAB grows the mounted filesystem. It matches partitions by type: data is the only
+# Linux-data partition of the layout (image/partitions.py), the slots have the root type.
+REPART_DATA = ("/usr/lib/repart.d/50-pitstop-data.conf", "[Partition]\nType=linux-generic\n")
 # Writable places of a read-only root, moved to the data partition: (path in the tree, path on data). /var/log
 # holds the journal (when persistent), wtmp and the logs of services such as chrony.
 MOVED_TO_DATA = (("var/log", DATA_LOG_DIR),)
@@ -348,6 +356,7 @@ def configure_tree(recipe: Recipe, tree: Path, *, keyring_pem: bytes) -> list[st
     if recipe.daemon.config is not None:
         _write(tree, "/etc/pitstop/pitstop.toml", recipe.daemon.config.read_text())
     _write(tree, "/etc/fstab", FSTAB)
+    _write(tree, *REPART_DATA)
     for d in (systemconf.DATA_DIR, systemconf.ESP_MOUNT):
         (tree / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
     pattern = recipe.system.hostname
@@ -548,7 +557,6 @@ def build_system(
     cache: Cache,
     base: Stage,
     *,
-    workdir: Path,
     keyring_pem: bytes,
     wheels: Path,
     epoch: int,
@@ -558,15 +566,16 @@ def build_system(
     virtual environment, units enabled. Cached: an image whose recipe changed only in its overlay, partitions,
     bundle or models reuses it."""
     key = system_key(recipe, base.key, wheels_digest(wheels), keyring_pem, epoch if pinned else None)
-    out = cache.path("system", key, ".tar")
+    out = cache.path("system", key, ".tree")
     listing = cache.path("system", key, ".packages")
-    if out.is_file() and listing.is_file():
+    if out.is_dir() and listing.is_file():
         os.utime(out)
         os.utime(listing)
         return System(out, key, True, listing.read_text().splitlines())
-    tree = workdir / "system.tree"
-    if tree.exists():
-        shutil.rmtree(tree)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tree = out.with_name(f".{out.name}.tmp")  # in the cache, so the rootfs stage can hard-link it
+    for stale in out.parent.glob(".*.tree.tmp"):  # an interrupted build's
+        shutil.rmtree(stale)
     unpack(base.path, tree)
     clean_tree(tree)
     units = configure_tree(recipe, tree, keyring_pem=keyring_pem)
@@ -579,27 +588,21 @@ def build_system(
     for junk in ("etc/ssh/ssh_host_*", "etc/*-"):  # what the chroot steps may have made (useradd backups)
         for p in tree.glob(junk):
             p.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        pack(tree, tmp)
-        atomic_write(listing, "".join(f"{p}\n" for p in pkgs).encode())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    shutil.rmtree(tree)
+    # Clamped once here, so the rootfs stage's clamp of its hard-linked copy rewrites nothing.
+    ext4.clamp_tree_times(tree, epoch)
+    atomic_write(listing, "".join(f"{p}\n" for p in pkgs).encode())
+    os.sync()  # the tree's files on disk before the rename makes it a cache entry
+    os.replace(tree, out)
+    fsync_dir(out.parent)
     cache.prune("system")
     return System(out, key, False, pkgs)
 
 
-def pack(tree: Path, out: Path) -> None:
-    """`tree` as a tarball that unpacks to the same owners, modes, times and extended attributes."""
-    run(
-        [
-            "tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
-            "-cpf", out, "-C", tree, ".",
-        ]
-    )  # fmt: skip
+def link_copy(tree: Path, dest: Path) -> None:
+    """`dest` as a copy of `tree` whose files are hard links to the tree's (owners, modes, times and extended
+    attributes kept; directories are new). Seconds instead of the half a minute a tar takes; anything writing
+    into the copy must replace files, never write into them (copy_overlay does)."""
+    run(["cp", "-a", "--link", "--no-target-directory", tree, dest])
 
 
 # --- the rootfs stage: the system with the overlay, as a filesystem image ----------------------------------------
@@ -657,7 +660,6 @@ def build_rootfs(
     recipe: Recipe,
     out: Path,
     *,
-    workdir: Path,
     cache: Cache,
     keyring_pem: bytes,
     wheels: Path,
@@ -677,14 +679,25 @@ def build_rootfs(
     if on_stage:
         on_stage("base", base.reused)
     system = build_system(
-        recipe, cache, base, workdir=workdir, keyring_pem=keyring_pem, wheels=wheels, epoch=epoch, pinned=pinned
+        recipe, cache, base, keyring_pem=keyring_pem, wheels=wheels, epoch=epoch, pinned=pinned
     )
     if on_stage:
         on_stage("system", system.reused)
-    tree = workdir / "rootfs.tree"
-    if tree.exists():
-        shutil.rmtree(tree)
-    unpack(system.path, tree)
+    # Beside the cached system tree (hard links need the same filesystem), removed whatever happens.
+    work = cache.root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    tree = Path(tempfile.mkdtemp(prefix="rootfs-", dir=work)) / "tree"
+    try:
+        _rootfs_from(recipe, system, tree, out, epoch=epoch, extra_overlay=extra_overlay)
+    finally:
+        shutil.rmtree(tree.parent)
+    return Rootfs(out, base.reused, system.reused, system.packages, base.key, system.key)
+
+
+def _rootfs_from(
+    recipe: Recipe, system: System, tree: Path, out: Path, *, epoch: int, extra_overlay: Path | None
+) -> None:
+    link_copy(system.path, tree)
     for overlay in (recipe.files.overlay, extra_overlay):
         if overlay is not None:
             copy_overlay(overlay, tree)
@@ -697,5 +710,3 @@ def build_rootfs(
         uuid=partitions.identity_uuid(recipe.identity, "fs:rootfs"),
         epoch=epoch,
     )
-    shutil.rmtree(tree)
-    return Rootfs(out, base.reused, system.reused, system.packages, base.key, system.key)

@@ -23,6 +23,7 @@ from cryptography import x509
 from pitstop.ota import bundle_format as fmt
 from pitstop.ota import caibx, manifest
 from pitstop.ota.chunks import decompress_chunk
+from pitstop.ota.clock import Clock
 from pitstop.ota.errors import (
     BundleError,
     BundleLimitError,
@@ -32,7 +33,6 @@ from pitstop.ota.errors import (
 )
 from pitstop.ota.manifest import Manifest, Payload
 from pitstop.ota.trust import (
-    Clock,
     SignatureBlock,
     SignerInfo,
     check_times,

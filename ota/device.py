@@ -17,11 +17,11 @@ from typing import Any
 
 from pitstop.ota import slot_state
 from pitstop.ota.bootloader import Bootloader, backend
+from pitstop.ota.clock import RELEASE_TIME_FLOOR, Clock
 from pitstop.ota.device_state import DeviceState, StateStore, Versions
 from pitstop.ota.payload_store import PayloadStore
 from pitstop.ota.slot_state import BootEnv, Phase, StateError, Status
 from pitstop.ota.system_config import SystemConfig
-from pitstop.ota.trust import RELEASE_TIME_FLOOR, Clock
 
 
 def slot_from_cmdline(cmdline: str, boot_names: dict[str, str]) -> str | None:

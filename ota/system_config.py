@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pitstop.errors import PitstopError
+from pitstop.ota.clock import ClockPolicy
 from pitstop.ota.manifest import COMPATIBLE_RE
-from pitstop.ota.trust import ClockPolicy
 
 DEFAULT_PATH = Path("/etc/pitstop/system.toml")
 BACKENDS = ("grub", "uboot")

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -24,36 +23,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pitstop.ota.bundle_format import DEFAULT_LIMITS, Limits
+from pitstop.ota.clock import Clock, ClockPolicy
 from pitstop.ota.errors import BundleLimitError, CertificateTimeError, SignatureError, TrustError
 
 ECDSA_P256_SHA256 = "ecdsa-p256-sha256"
 ED25519 = "ed25519"
 ALGORITHMS = (ECDSA_P256_SHA256, ED25519)
 MAX_CHAIN_DEPTH = 8
-
-# The earliest time any pitstop release can believe it is: the date this version was released.
-# A device without a real-time clock that boots in 1970 uses at least this as "now".
-RELEASE_TIME_FLOOR = datetime(2026, 11, 23, tzinfo=UTC)
-
-
-class ClockPolicy(enum.Enum):
-    SYSTEM = "system"
-    FLOOR = "floor"
-    NONE = "none"
-
-
-@dataclass(frozen=True)
-class Clock:
-    """What the device believes about time: its clock reading and the floor it knows time is past."""
-
-    policy: ClockPolicy
-    now: datetime
-    floor: datetime = RELEASE_TIME_FLOOR
-
-    @property
-    def effective_now(self) -> datetime:
-        return max(self.now, self.floor)
-
 
 @dataclass(frozen=True)
 class SignatureBlock:

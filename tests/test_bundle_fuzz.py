@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from pitstop.ota.bundle_extract import extract_payload
 from pitstop.ota.bundle_reader import Policy, open_verified, verify_payloads
 from pitstop.ota.bundle_spec import PayloadSpec
+from pitstop.ota.clock import Clock, ClockPolicy
 from pitstop.ota.errors import BundleError
 from pitstop.ota.keyring import load_keyring
-from pitstop.ota.trust import Clock, ClockPolicy
 
 
 @pytest.fixture(scope="module")

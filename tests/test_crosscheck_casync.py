@@ -21,8 +21,8 @@ from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload, run_cli
 from pitstop.ota import caibx
 from pitstop.ota.bundle_reader import Policy, open_verified
 from pitstop.ota.casync_export import chunk_path, export_casync
+from pitstop.ota.clock import Clock, ClockPolicy
 from pitstop.ota.keyring import load_keyring
-from pitstop.ota.trust import Clock, ClockPolicy
 
 PAYLOAD_SIZE = 6 * 1024 * 1024
 CASYNC_CHUNKING = (16384, 65536, 262144)

@@ -358,6 +358,8 @@ def test_ipc_image_boots_updates_to_b_and_rolls_back_a_broken_bundle(ipc_image: 
     create_bundle(spec, bad, KeyFileSigner.load(keys / "signing.key", [keys / "chain.pem"]))
     disk = tmp_path / "disk.img"
     run(["cp", "--sparse=always", o.disk, disk])  # the build's image stays as built
+    data_size = recipe.load(IPC_RECIPE).layout().part("data").size
+    os.truncate(disk, disk.stat().st_size + (1 << 30))  # flashed to a larger disk: data grows into the rest
     opts = qemu.BootOptions(memory_mib=1024, cpus=1, kvm=False)
     with FileServer() as srv:
         srv.add("first.pitb", o.bundle)
@@ -366,6 +368,11 @@ def test_ipc_image_boots_updates_to_b_and_rolls_back_a_broken_bundle(ipc_image: 
         with Vm(disk, tmp_path, name="ipc", limit=1500, opts=opts, console_input=True) as vm:
             sh = Console(vm)
             ready_a = slot_is_up(sh, "a", 0)
+            rc, out = sh.run("lsblk -bno SIZE /dev/disk/by-partlabel/data; df -B1 --output=size /data | tail -1", 60)
+            assert rc == 0, out
+            part, fs = (int(x) for x in [ln.strip() for ln in out if ln.strip().isdigit()][-2:])
+            assert part >= data_size + (1 << 30) - (1 << 20), (part, data_size)  # less the backup GPT
+            assert fs > data_size, (fs, data_size)
             rc, out = sh.run(f"pitstop -q install http://10.0.2.2:{port}/first.pitb", 900)
             assert rc == 0, "\n".join(out[-20:])
             start = vm.mark()
@@ -404,7 +411,7 @@ def test_rootfs_is_reproducible(ipc_image: build.Result, tmp_path: Path) -> None
         os.link(base, cache.root / "base" / base.name)  # the same packages: the base is not rebuilt
         wheels = rootfs.wheelhouse(REPO, tmp_path / f"wheels{n}", rootfs.Cache(CACHE))
         built = rootfs.build_rootfs(
-            r, tmp_path / f"rootfs{n}.ext4", workdir=tmp_path / f"w{n}", cache=cache, keyring_pem=keyring,
+            r, tmp_path / f"rootfs{n}.ext4", cache=cache, keyring_pem=keyring,
             wheels=wheels, epoch=SDE,
         )  # fmt: skip
         assert built.base_reused and not built.system_reused

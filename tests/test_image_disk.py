@@ -579,7 +579,6 @@ def test_rootfs_from_a_recipe_boots_and_marks_itself_good(tmp_path: Path) -> Non
     built = rootfs.build_rootfs(
         r,
         tmp_path / "rootfs.ext4",
-        workdir=tmp_path,
         cache=cache,
         keyring_pem=(tmp_path / "recipe" / "keyring.pem").read_bytes(),
         wheels=wheels,

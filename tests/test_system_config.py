@@ -10,8 +10,8 @@ import pytest
 from bundlekit import assert_refused, run_cli
 
 from pitstop.ota import system_config
+from pitstop.ota.clock import ClockPolicy
 from pitstop.ota.system_config import BootloaderConfig, ConfigError, SlotConfig, SystemConfig
-from pitstop.ota.trust import ClockPolicy
 
 CONFIG = 23
 WHERE = Path("/etc/pitstop/system.toml")

@@ -13,16 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from pitstop.ota import devkeys
+from pitstop.ota.clock import Clock, ClockPolicy
 from pitstop.ota.errors import BundleLimitError, CertificateTimeError, SignatureError, TrustError
 from pitstop.ota.signing import sign_manifest
-from pitstop.ota.trust import (
-    Clock,
-    ClockPolicy,
-    SignatureBlock,
-    decode_signature_block,
-    verify_raw_signature,
-    verify_signer,
-)
+from pitstop.ota.trust import SignatureBlock, decode_signature_block, verify_raw_signature, verify_signer
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 YEAR = timedelta(days=365)

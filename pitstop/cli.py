@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pitstop import __version__
+from pitstop.daemon import cli as daemon_cli
 from pitstop.errors import InputError, PitstopError
 from pitstop.image import cli as image_cli
 from pitstop.inference import cli as inference_cli
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_cli.register(sub)
     inference_cli.register(sub)
     image_cli.register(sub)
+    daemon_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,145 @@
+"""`pitstop daemon`: the resident service. Connects to the bus, serves the API, supervises the inference loops,
+samples and reports health; tells systemd when it is ready, pings its watchdog from the event loop, stops
+cleanly on SIGTERM and reloads what can be reloaded on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import BusType, RequestNameReply
+from dbus_fast.aio import MessageBus
+from dbus_fast.constants import NameFlag
+
+from pitstop.daemon import config as daemon_config
+from pitstop.daemon import journal, sdnotify
+from pitstop.daemon.config import DaemonConfig
+from pitstop.daemon.core import DaemonCore
+from pitstop.daemon.dbus_api import BUS_NAME, serve
+from pitstop.daemon.errors import DaemonError
+from pitstop.daemon.health_service import HealthService
+from pitstop.errors import PitstopError
+from pitstop.ota import system_config
+from pitstop.ota.system_config import SystemConfig
+from pitstop.runner import run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    config: Path = daemon_config.DEFAULT_PATH
+    system_config: Path | None = None  # None: $PITSTOP_CONFIG or /etc/pitstop/system.toml
+    bus_address: str | None = None  # None: the bus the configuration names
+    reboot: Callable[[], None] | None = None  # None: systemctl reboot
+    # Called once the daemon is ready (tests wait on it instead of polling the bus).
+    on_ready: Callable[[], Awaitable[None] | None] | None = None
+    extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+
+
+def systemctl_reboot() -> None:
+    run(["systemctl", "reboot"])
+
+
+async def connect(cfg: DaemonConfig, address: str | None) -> MessageBus:
+    if address is not None:
+        bus = MessageBus(bus_address=address)
+    else:
+        bus = MessageBus(bus_type=BusType.SYSTEM if cfg.bus == "system" else BusType.SESSION)
+    try:
+        return await bus.connect()
+    except OSError as e:
+        raise DaemonError(f"cannot connect to the {cfg.bus} bus: {e.strerror or e}") from None
+
+
+async def serve_forever(opts: Options) -> int:
+    """Run until SIGTERM or SIGINT; 0 after a clean stop."""
+    interval = sdnotify.watchdog_interval()
+    # The inference loops must not inherit systemd's notify socket or watchdog settings.
+    notifier = sdnotify.Notifier.from_env(unset=True)
+    system = system_config.load(opts.system_config)
+    cfg = daemon_config.load(opts.config, data_dir=system.data_dir)
+    journal.setup_logging(cfg.log_level)
+    bus = await connect(cfg, opts.bus_address)
+    core = DaemonCore(system, reboot=opts.reboot or systemctl_reboot, check_for_update=_checker(cfg))
+    health = HealthService(cfg, core)
+    core.health_source = health.summary
+    obj, _events = serve(bus, core, control_group=cfg.control_group)
+    # The name last: a client that finds the name finds a complete API.
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        bus.disconnect()
+        raise DaemonError(f"the bus name {BUS_NAME} is taken: is another pitstop daemon running?")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    config_box = [cfg]
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(opts, system, config_box, notifier)))
+    watchdog = sdnotify.start_watchdog(notifier, interval) if cfg.watchdog else None
+    health.start()
+    tasks: list[asyncio.Task[None]] = [loop.create_task(t()) for t in opts.extra_tasks]
+    slots = core.status.slots
+    notifier.ready(f"serving: booted slot {slots.booted or '?'}, phase {slots.phase.value}")
+    log.info("pitstop daemon ready on %s (booted slot %s)", BUS_NAME, slots.booted)
+    if opts.on_ready is not None:
+        maybe = opts.on_ready()
+        if maybe is not None:
+            await maybe
+    try:
+        await stop.wait()
+    finally:
+        notifier.stopping("stopping")
+        log.info("pitstop daemon stopping")
+        for t in [*tasks, *([watchdog] if watchdog else [])]:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await core.close()
+        await health.stop()
+        obj.unexport()
+        bus.disconnect()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        notifier.close()
+    return 0
+
+
+def _checker(cfg: DaemonConfig) -> Callable[[], bool] | None:
+    """CheckForUpdate: one poll of the hawkBit DDI server, if one is configured. The update agent (polling on
+    the server's schedule, deployment, feedback, health gate) builds on the same client."""
+    if cfg.update.server is None:
+        return None
+    from pitstop.daemon.ddi import DdiClient  # noqa: PLC0415 - requests loads when an update server is set
+
+    client = DdiClient.from_config(cfg.update)
+
+    def check() -> bool:
+        return client.poll().deployment_href is not None
+
+    return check
+
+
+async def _reload(opts: Options, system: SystemConfig, box: list[DaemonConfig], notifier: sdnotify.Notifier) -> None:
+    notifier.reloading("reloading the configuration")
+    try:
+        new = daemon_config.load(opts.config, data_dir=system.data_dir)
+    except (PitstopError, OSError) as e:
+        log.error("configuration not reloaded, the running one stays: %s", getattr(e, "message", None) or e)
+        notifier.ready("serving (reload refused: see the journal)")
+        return
+    live, restart = daemon_config.reload_diff(box[0], new)
+    if restart:
+        log.warning("changed settings that need a restart, not applied: %s", ", ".join(sorted(restart)))
+    journal.setup_logging(new.log_level)
+    box[0] = new
+    log.info("configuration reloaded%s", f": {', '.join(sorted(live))}" if live else " (no change)")
+    notifier.ready("serving")

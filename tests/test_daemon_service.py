@@ -1,0 +1,157 @@
+"""`pitstop daemon` as a process, the way systemd runs it: a real notify socket (READY, STATUS, WATCHDOG,
+RELOADING, STOPPING), a private bus, signals; bad configuration and a taken bus name are one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bundlekit import Keys
+from dbuskit import PrivateBus
+from devicekit import TestDevice, make_device
+
+from pitstop.daemon.dbus_api import BUS_NAME, INTERFACE, PATH
+
+
+class NotifySocket:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.got: list[tuple[float, str]] = []
+
+    def wait_for(self, assignment: str, timeout: float = 30) -> list[str]:
+        """Messages up to and including the first that contains `assignment`."""
+        end = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < end:
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.got.append((time.monotonic(), data))
+            seen.append(data)
+            if assignment in data.split("\n"):
+                return seen
+        raise AssertionError(f"no {assignment} within {timeout} s; got {seen}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def dev(tmp_path: Path, keys: Keys) -> TestDevice:
+    return make_device(tmp_path / "dev", keys)
+
+
+@pytest.fixture
+def bus() -> Iterator[PrivateBus]:
+    with PrivateBus() as b:
+        yield b
+
+
+def start(bus: PrivateBus, dev: TestDevice, config: Path, notify: Path | None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    if notify is not None:
+        env.update(NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="2000000")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pitstop.cli", "daemon", "--bus-address", bus.address,
+         "--system-config", str(dev.config_path), "--config", str(config)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config_file(tmp_path: Path, text: str = "", port: int | None = None) -> Path:
+    p = tmp_path / "pitstop.toml"
+    listen = f"127.0.0.1:{port or free_port()}"
+    p.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n{text}\n[health]\ninterval_s = 1\nprometheus_listen = "{listen}"\n'
+    )
+    return p
+
+
+def test_daemon_notifies_serves_reloads_and_stops(bus: PrivateBus, dev: TestDevice, tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    port = free_port()
+    proc = start(bus, dev, config_file(tmp_path, port=port), notify.path)
+    try:
+        ready = notify.wait_for("READY=1")
+        assert any("STATUS=serving: booted slot a" in m for m in ready), ready
+        # Health: sampled each second, on the Prometheus endpoint and in the Health property.
+        text = ""
+        for _ in range(50):
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            except OSError:
+                text = ""
+            if "system_memory_usage" in text:
+                break
+            time.sleep(0.2)
+        assert "system_memory_usage" in text and 'slot="a"' in text, text[:2000]
+        p = bus.send(f"--dest={BUS_NAME}", PATH, "org.freedesktop.DBus.Properties.Get", f"string:{INTERFACE}",
+                     "string:Health")  # fmt: skip
+        assert p.returncode == 0 and "memory.utilization" in p.stdout, p.stdout + p.stderr
+        p = bus.send(f"--dest={BUS_NAME}", PATH, "org.freedesktop.DBus.Properties.Get", f"string:{INTERFACE}",
+                     "string:BootedSlot")  # fmt: skip
+        assert p.returncode == 0 and '"a"' in p.stdout, p.stderr
+        # The watchdog: pings at about half of WATCHDOG_USEC (2 s).
+        start_t = time.monotonic()
+        notify.wait_for("WATCHDOG=1", 5)
+        notify.wait_for("WATCHDOG=1", 5)
+        pings = [t for t, m in notify.got if "WATCHDOG=1" in m.split("\n") and t >= start_t]
+        assert len(pings) >= 2 and 0.5 < pings[-1] - pings[-2] < 1.6, pings
+        proc.send_signal(signal.SIGHUP)
+        reload = notify.wait_for("READY=1")
+        assert any("RELOADING=1" in m.split("\n") for m in reload), reload
+        # An invalid configuration on reload is refused; the daemon keeps serving with the one it has.
+        config_file(tmp_path, "bogus_key = 1\n")
+        proc.send_signal(signal.SIGHUP)
+        refused = notify.wait_for("READY=1")
+        assert any("reload refused" in m for m in refused), refused
+        p = bus.send(f"--dest={BUS_NAME}", PATH, "org.freedesktop.DBus.Peer.Ping")
+        assert p.returncode == 0, p.stderr
+        proc.send_signal(signal.SIGTERM)
+        notify.wait_for("STOPPING=1")
+        assert proc.wait(20) == 0
+        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+
+
+def test_invalid_configuration_is_one_line_exit_50(bus: PrivateBus, dev: TestDevice, tmp_path: Path) -> None:
+    proc = start(bus, dev, config_file(tmp_path, "bogus_key = 1\n"), None)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 50, err
+    assert len(err.strip().splitlines()) == 1 and "bogus_key" in err and "Traceback" not in err, err
+
+
+def test_second_daemon_finds_the_name_taken(bus: PrivateBus, dev: TestDevice, tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    first = start(bus, dev, config_file(tmp_path), notify.path)
+    try:
+        notify.wait_for("READY=1")
+        second = start(bus, dev, config_file(tmp_path), None)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 51 and "is taken" in err and "Traceback" not in err, err
+    finally:
+        first.terminate()
+        first.wait(20)
+        notify.close()

@@ -24,6 +24,7 @@ from pitstop.daemon.core import DaemonCore
 from pitstop.daemon.dbus_api import BUS_NAME, serve
 from pitstop.daemon.errors import DaemonError
 from pitstop.daemon.health_service import HealthService
+from pitstop.daemon.supervisor import EVENT_STATE, LoopEvent, Supervisor
 from pitstop.errors import PitstopError
 from pitstop.ota import system_config
 from pitstop.ota.system_config import SystemConfig
@@ -67,10 +68,18 @@ async def serve_forever(opts: Options) -> int:
     cfg = daemon_config.load(opts.config, data_dir=system.data_dir)
     journal.setup_logging(cfg.log_level)
     bus = await connect(cfg, opts.bus_address)
-    core = DaemonCore(system, reboot=opts.reboot or systemctl_reboot, check_for_update=_checker(cfg))
-    health = HealthService(cfg, core)
+    loops = Supervisor(cfg.loops, cache_dir=system.data_dir / "pitstop" / "engines")
+    core = DaemonCore(system, loops=loops, reboot=opts.reboot or systemctl_reboot, check_for_update=_checker(cfg))
+    health = HealthService(cfg, core, loop_figures=lambda: _figures(loops))
     core.health_source = health.summary
-    obj, _events = serve(bus, core, control_group=cfg.control_group)
+    obj, events = serve(bus, core, control_group=cfg.control_group)
+
+    def on_loop(ev: LoopEvent) -> None:
+        if ev.kind == EVENT_STATE:
+            st = ev.status
+            events.loop_state_changed(st.name, st.state.value, st.cause or "")
+
+    loops.subscribe(on_loop)
     # The name last: a client that finds the name finds a complete API.
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
@@ -85,6 +94,7 @@ async def serve_forever(opts: Options) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(opts, system, config_box, notifier)))
     watchdog = sdnotify.start_watchdog(notifier, interval) if cfg.watchdog else None
     health.start()
+    await loops.start_all()
     tasks: list[asyncio.Task[None]] = [loop.create_task(t()) for t in opts.extra_tasks]
     slots = core.status.slots
     notifier.ready(f"serving: booted slot {slots.booted or '?'}, phase {slots.phase.value}")
@@ -104,6 +114,7 @@ async def serve_forever(opts: Options) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await core.close()
+        await loops.shutdown()
         await health.stop()
         obj.unexport()
         bus.disconnect()
@@ -111,6 +122,10 @@ async def serve_forever(opts: Options) -> int:
             loop.remove_signal_handler(sig)
         notifier.close()
     return 0
+
+
+def _figures(loops: Supervisor) -> dict[str, dict[str, object]]:
+    return {st.name: st.figures for st in loops.statuses() if st.figures}
 
 
 def _checker(cfg: DaemonConfig) -> Callable[[], bool] | None:

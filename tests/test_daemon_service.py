@@ -155,3 +155,77 @@ def test_second_daemon_finds_the_name_taken(bus: PrivateBus, dev: TestDevice, tm
         first.terminate()
         first.wait(20)
         notify.close()
+
+
+def _loops(bus: PrivateBus) -> str:
+    p = bus.send(f"--dest={BUS_NAME}", PATH, "org.freedesktop.DBus.Properties.Get", f"string:{INTERFACE}",
+                 "string:Loops")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(d.name))
+    return out
+
+
+def test_daemon_runs_its_configured_loop_and_stops_it_over_dbus(
+    bus: PrivateBus, dev: TestDevice, tmp_path: Path
+) -> None:
+    """A [[loop]] in the configuration runs in a child of the daemon (the real classifier, CPU); its figures
+    reach the Loops property; StopLoop over D-Bus stops it; SIGTERM leaves no child behind."""
+    from pitstop.inference.test_models import ORIENTATION, locate
+
+    found = locate(ORIENTATION)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "orient.onnx").symlink_to(found.model)
+    (models / "orient.toml").write_bytes(found.description.read_bytes())
+    loop = f"""
+[[loop]]
+name = "orient"
+model = "{models / "orient.onnx"}"
+sink = "jsonl:{tmp_path / "orient.jsonl"}"
+source_opts = {{ width = "160", height = "120", fps = "20" }}
+runtime = "onnxruntime"
+providers = ["cpu"]
+threads = 1
+"""
+    notify = NotifySocket(tmp_path / "notify")
+    proc = start(bus, dev, config_file(tmp_path, loop), notify.path)
+    try:
+        notify.wait_for("READY=1")
+        text = ""
+        for _ in range(150):
+            text = _loops(bus)
+            if '"running"' in text and "double 0\n" not in text.split('"running"')[1][:40]:
+                break
+            time.sleep(0.2)
+        assert '"orient"' in text and '"running"' in text, text
+        assert _children(proc.pid), "the loop runs in a child process"
+        p = bus.send(f"--dest={BUS_NAME}", PATH, f"{INTERFACE}.StopLoop", "string:orient")
+        assert p.returncode == 0, p.stderr
+        assert '"stopped"' in _loops(bus)
+        p = bus.send(f"--dest={BUS_NAME}", PATH, f"{INTERFACE}.StartLoop", "string:orient")
+        assert p.returncode == 0, p.stderr
+        for _ in range(100):
+            if _children(proc.pid):
+                break
+            time.sleep(0.1)
+        assert _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert (tmp_path / "orient.jsonl").stat().st_size > 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()

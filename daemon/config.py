@@ -20,7 +20,6 @@ import math
 import os
 import re
 import socket
-import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from datetime import time as Time
 from pathlib import Path
 from typing import Any
 
+from pitstop import docgen
 from pitstop.daemon.errors import DaemonConfigError
 from pitstop.inference.choices import BACKENDS, PRECISIONS, PROVIDERS
 from pitstop.ota import system_config
@@ -1243,26 +1243,16 @@ def render_docs() -> str:
     return "\n".join(out)
 
 
-DOCS_BEGIN = "<!-- BEGIN GENERATED from daemon/config.py by `python -m pitstop.daemon.config docs/daemon-config.md` -->"
-DOCS_END = "<!-- END GENERATED -->"
+DOCS_BEGIN = docgen.begin_marker("daemon/config.py", "pitstop.daemon.config", "docs/daemon-config.md")
 
 
 def splice_docs(doc: str) -> str:
     """`doc` (docs/daemon-config.md) with its generated section replaced by `render_docs()`."""
-    start = doc.index("\n", doc.index(DOCS_BEGIN)) + 1
-    end = doc.index(DOCS_END)
-    return doc[:start] + "\n" + render_docs() + "\n" + doc[end:]
+    return docgen.splice(doc, DOCS_BEGIN, render_docs())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pitstop.daemon.config docs/daemon-config.md`: regenerate the reference section in place."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        sys.stderr.write("usage: python -m pitstop.daemon.config docs/daemon-config.md\n")
-        return 2
-    doc = Path(args[0])
-    doc.write_text(splice_docs(doc.read_text()))
-    return 0
+    return docgen.main(argv, "pitstop.daemon.config", "docs/daemon-config.md", splice_docs)
 
 
 if __name__ == "__main__":

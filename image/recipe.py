@@ -16,13 +16,13 @@ import ipaddress
 import json
 import os
 import re
-import sys
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pitstop import docgen
 from pitstop.image import partitions as parts
 from pitstop.image.errors import RecipeError
 from pitstop.image.settings import (
@@ -924,27 +924,16 @@ def render_docs() -> str:
     return "\n".join(out)
 
 
-DOCS_BEGIN = "<!-- BEGIN GENERATED from image/recipe.py by `python -m pitstop.image.recipe docs/recipes.md` -->"
-DOCS_END = "<!-- END GENERATED -->"
+DOCS_BEGIN = docgen.begin_marker("image/recipe.py", "pitstop.image.recipe", "docs/recipes.md")
 
 
 def splice_docs(doc: str) -> str:
     """`doc` (docs/recipes.md) with its generated section replaced by `render_docs()`."""
-    start = doc.index(DOCS_BEGIN)
-    start = doc.index("\n", start) + 1
-    end = doc.index(DOCS_END)
-    return doc[:start] + "\n" + render_docs() + "\n" + doc[end:]
+    return docgen.splice(doc, DOCS_BEGIN, render_docs())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m pitstop.image.recipe docs/recipes.md`: regenerate the reference section in place."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        sys.stderr.write("usage: python -m pitstop.image.recipe docs/recipes.md\n")
-        return 2
-    doc = Path(args[0])
-    doc.write_text(splice_docs(doc.read_text()))
-    return 0
+    return docgen.main(argv, "pitstop.image.recipe", "docs/recipes.md", splice_docs)
 
 
 if __name__ == "__main__":

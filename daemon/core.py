@@ -232,7 +232,8 @@ class DaemonCore:
     async def reboot(self) -> None:
         if self._reboot is None:
             raise PitstopError("rebooting is not enabled in this daemon")
-        self._set_state(UpdateState.REBOOTING, "requested") if self.state == UpdateState.INSTALLED else None
+        if self.state == UpdateState.INSTALLED:
+            self._set_state(UpdateState.REBOOTING, "requested")
         await asyncio.to_thread(self._reboot)
 
     async def check_for_update(self) -> bool:

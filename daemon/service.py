@@ -91,7 +91,8 @@ async def serve_forever(opts: Options) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     config_box = [cfg]
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(opts, system, config_box, notifier)))
+    live = Live(loops, health)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(opts, system, config_box, notifier, live)))
     watchdog = sdnotify.start_watchdog(notifier, interval) if cfg.watchdog else None
     health.start()
     await loops.start_all()
@@ -143,7 +144,34 @@ def _checker(cfg: DaemonConfig) -> Callable[[], bool] | None:
     return check
 
 
-async def _reload(opts: Options, system: SystemConfig, box: list[DaemonConfig], notifier: sdnotify.Notifier) -> None:
+@dataclass
+class Live:
+    """What a reload reconfigures in place."""
+
+    loops: Supervisor
+    health: HealthService
+
+
+async def _apply_loops(loops: Supervisor, old: DaemonConfig, new: DaemonConfig) -> None:
+    """Loops removed are stopped and forgotten, new ones started, changed ones restarted; the others run on."""
+    before = {lc.name: lc for lc in old.loops}
+    for name in set(before) - {lc.name for lc in new.loops}:
+        await loops.remove(name)
+    for lc in new.loops:
+        if before.get(lc.name) == lc:
+            continue
+        loops.add(lc)
+        if not lc.enabled:
+            await loops.stop(lc.name)
+        elif lc.name in before:
+            await loops.restart(lc.name)
+        else:
+            await loops.start(lc.name)
+
+
+async def _reload(
+    opts: Options, system: SystemConfig, box: list[DaemonConfig], notifier: sdnotify.Notifier, live_parts: Live
+) -> None:
     notifier.reloading("reloading the configuration")
     try:
         new = daemon_config.load(opts.config, data_dir=system.data_dir)
@@ -155,6 +183,13 @@ async def _reload(opts: Options, system: SystemConfig, box: list[DaemonConfig], 
     if restart:
         log.warning("changed settings that need a restart, not applied: %s", ", ".join(sorted(restart)))
     journal.setup_logging(new.log_level)
+    try:
+        await _apply_loops(live_parts.loops, box[0], new)
+    except PitstopError as e:
+        log.error("loops not all reconfigured: %s", e.message)
+    if not live_parts.health.reporter.reconfigure(new.health):
+        log.warning("health.otlp_url switched on or off: applied at the next restart")
+    live_parts.health.sampler.set_partitions(new.health.partitions)
     box[0] = new
     log.info("configuration reloaded%s", f": {', '.join(sorted(live))}" if live else " (no change)")
     notifier.ready("serving")

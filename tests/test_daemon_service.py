@@ -221,6 +221,17 @@ threads = 1
                 break
             time.sleep(0.1)
         assert _children(proc.pid)
+        # A reload without the loop stops and forgets it; one with it again starts it.
+        notify.got.clear()
+        config_file(tmp_path)
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")
+        assert '"orient"' not in _loops(bus)
+        assert not _children(proc.pid)
+        config_file(tmp_path, loop)
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY=1")
+        assert '"orient"' in _loops(bus)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert (tmp_path / "orient.jsonl").stat().st_size > 0

@@ -17,45 +17,23 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pitstop.image.partitions import (
+    ALIGN,
+    ESP_TYPE,
+    LINUX_DATA_TYPE,
+    ROOT_TYPES,
+    SECTOR,
+    Layout,
+    Partition,
+    sfdisk_script,
+)
+from pitstop.image.sizes import MiB
 from pitstop.runner import run
 
-MiB = 1024 * 1024
-SECTOR = 512
-ALIGN = MiB
-
-ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
-LINUX_DATA_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+ROOT_X86_64_TYPE = ROOT_TYPES["x86_64"]
 
 # mtools refuses FAT images whose geometry it finds odd; these are ours, built by mkfs.vfat.
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
-
-
-@dataclass(frozen=True)
-class Partition:
-    number: int
-    name: str  # GPT partition name (PARTLABEL)
-    type_guid: str
-    uuid: str  # PARTUUID
-    start: int  # bytes
-    size: int  # bytes
-
-    @property
-    def grub_device(self) -> str:
-        return f"gpt{self.number}"
-
-
-@dataclass(frozen=True)
-class Layout:
-    disk_guid: str
-    partitions: tuple[Partition, ...]
-    size: int  # bytes, including the backup GPT
-
-    def part(self, name: str) -> Partition:
-        for p in self.partitions:
-            if p.name == name:
-                return p
-        raise KeyError(name)
 
 
 def ab_layout(esp_mib: int = 16, slot_mib: int = 32, data_mib: int = 4) -> Layout:
@@ -69,14 +47,6 @@ def ab_layout(esp_mib: int = 16, slot_mib: int = 32, data_mib: int = 4) -> Layou
         parts.append(Partition(number, name, type_guid, uuid, start, mib * MiB))
         start += mib * MiB
     return Layout("5a5a5a5a-0000-4000-8000-000000000d15", tuple(parts), start + ALIGN)
-
-
-def sfdisk_script(layout: Layout) -> str:
-    lines = ["label: gpt", f"label-id: {layout.disk_guid}", "unit: sectors", ""]
-    for p in layout.partitions:
-        lines.append(f"start={p.start // SECTOR}, size={p.size // SECTOR}, type={p.type_guid}, "
-                     f'uuid={p.uuid}, name="{p.name}"')
-    return "\n".join(lines) + "\n"
 
 
 @functools.cache

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -53,7 +52,7 @@ from pitstop.daemon.ddi_model import (
     parse_json,
 )
 from pitstop.daemon.errors import DaemonConfigError, DdiError, UpstreamError
-from pitstop.ota.http_source import HttpOptions
+from pitstop.ota.http_source import HttpOptions, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ MAX_BODY = 1 << 20        # DDI documents are a few KiB; a bigger answer is refu
 ACCEPT = "application/hal+json, application/json;q=0.9"
 USER_AGENT = f"pitstop/{__version__} (hawkBit DDI)"
 _EXCERPT = 200
-_SSL_REASON = re.compile(r"'(?:\[SSL: \w+\] )?([^'(]+?) \(_ssl\.c")
 
 
 @dataclass(frozen=True)
@@ -309,17 +307,9 @@ def _excerpt(body: bytes) -> str:
 
 
 def _describe(e: requests.RequestException) -> str:
-    if isinstance(e, requests.exceptions.SSLError):
-        m = _SSL_REASON.search(str(e))
-        return f"TLS failed: {m[1]}" if m else "TLS failed"
-    if isinstance(e, requests.exceptions.ConnectTimeout | requests.exceptions.ReadTimeout):
-        return "timed out"
-    if isinstance(e, requests.exceptions.ConnectionError):
-        return "connection failed"
     if isinstance(e, requests.exceptions.ChunkedEncodingError):
         return "connection broken during the answer"
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
+    return describe_error(e)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -100,9 +100,11 @@ class HttpSource:
                 self._close_response()
                 failures += 1
                 if isinstance(e, requests.exceptions.SSLError) or failures > self.opts.retries:
-                    raise DownloadError(f"{self.url}: {_describe(e)} (after {failures} attempt(s))") from None
+                    raise DownloadError(f"{self.url}: {describe_error(e)} (after {failures} attempt(s))") from None
                 wait = min(self.opts.backoff * 2 ** (failures - 1), self.opts.backoff_max)
-                log.warning("download interrupted at byte %d (%s); resuming in %.1f s", self.pos, _describe(e), wait)
+                log.warning(
+                    "download interrupted at byte %d (%s); resuming in %.1f s", self.pos, describe_error(e), wait
+                )
                 time.sleep(wait)
                 continue
             if not data:
@@ -190,7 +192,8 @@ class _Dropped(Exception):
     pass
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """One readable line for a failed HTTP request or body read (TLS reason, timeout, connection broken)."""
     if isinstance(e, requests.exceptions.SSLError):
         # OpenSSL's reason tells an untrusted server from a refused client certificate.
         m = _SSL_REASON.search(str(e))

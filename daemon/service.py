@@ -90,9 +90,8 @@ async def serve_forever(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    config_box = [cfg]
-    live = Live(loops, health)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(opts, system, config_box, notifier, live)))
+    running = Running(cfg, loops, health)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(opts, system, running, notifier)))
     watchdog = sdnotify.start_watchdog(notifier, interval) if cfg.watchdog else None
     health.start()
     await loops.start_all()
@@ -145,9 +144,10 @@ def _checker(cfg: DaemonConfig) -> Callable[[], bool] | None:
 
 
 @dataclass
-class Live:
-    """What a reload reconfigures in place."""
+class Running:
+    """The configuration in effect and what a reload reconfigures in place."""
 
+    config: DaemonConfig
     loops: Supervisor
     health: HealthService
 
@@ -169,9 +169,7 @@ async def _apply_loops(loops: Supervisor, old: DaemonConfig, new: DaemonConfig) 
             await loops.start(lc.name)
 
 
-async def _reload(
-    opts: Options, system: SystemConfig, box: list[DaemonConfig], notifier: sdnotify.Notifier, live_parts: Live
-) -> None:
+async def _reload(opts: Options, system: SystemConfig, running: Running, notifier: sdnotify.Notifier) -> None:
     notifier.reloading("reloading the configuration")
     try:
         new = daemon_config.load(opts.config, data_dir=system.data_dir)
@@ -179,17 +177,17 @@ async def _reload(
         log.error("configuration not reloaded, the running one stays: %s", getattr(e, "message", None) or e)
         notifier.ready("serving (reload refused: see the journal)")
         return
-    live, restart = daemon_config.reload_diff(box[0], new)
+    live, restart = daemon_config.reload_diff(running.config, new)
     if restart:
         log.warning("changed settings that need a restart, not applied: %s", ", ".join(sorted(restart)))
     journal.setup_logging(new.log_level)
     try:
-        await _apply_loops(live_parts.loops, box[0], new)
+        await _apply_loops(running.loops, running.config, new)
     except PitstopError as e:
         log.error("loops not all reconfigured: %s", e.message)
-    if not live_parts.health.reporter.reconfigure(new.health):
+    if not running.health.reporter.reconfigure(new.health):
         log.warning("health.otlp_url switched on or off: applied at the next restart")
-    live_parts.health.sampler.set_partitions(new.health.partitions)
-    box[0] = new
+    running.health.sampler.set_partitions(new.health.partitions)
+    running.config = new
     log.info("configuration reloaded%s", f": {', '.join(sorted(live))}" if live else " (no change)")
     notifier.ready("serving")

@@ -93,6 +93,7 @@ class UpdateConfig:
     gate_deadline_s: float = 300.0
     gate_required_units: tuple[str, ...] = ()
     gate_throughput_fraction: float = 0.8  # each loop must reach this fraction of its pre-update throughput
+    gate_hold_s: float = 15.0  # how long every check must hold without a break before the gate passes
 
 
 @dataclass(frozen=True)
@@ -766,7 +767,8 @@ UPDATE = Table(
         Setting(
             "gate_deadline_s",
             Number(10, 86400),
-            "Seconds after boot the new slot has to pass the health gate before it is rolled back.",
+            "Seconds an update has to pass the health gate, from the gate's start (the daemon's start in the new "
+            "slot's first boot, or the switch to new models/files), before it is rolled back.",
             300.0,
         ),
         Setting(
@@ -780,6 +782,13 @@ UPDATE = Table(
             Number(0, 1, lo_open=True),
             "Each enabled loop must reach this fraction of its throughput before the update.",
             0.8,
+        ),
+        Setting(
+            "gate_hold_s",
+            Number(0, 3600),
+            "Seconds every gate check must hold without a break before the gate passes (a loop that starts "
+            "and then crashes does not pass).",
+            15.0,
         ),
     ),
     "The update agent (hawkBit DDI client) and the health gate that commits or rolls back an update.",
@@ -1020,6 +1029,12 @@ def _build(m: _Merged, path: Path, data_dir: Path) -> DaemonConfig:
         )
     if u["token"] is not None and u["gateway_token"] is not None:
         raise _fail(m.where("update.gateway_token"), "update.gateway_token", "set token or gateway_token, not both")
+    if u["gate_hold_s"] >= u["gate_deadline_s"]:
+        raise _fail(
+            m.where("update.gate_hold_s", "update.gate_deadline_s"),
+            "update.gate_hold_s",
+            f"must be shorter than gate_deadline_s ({u['gate_deadline_s']:g}): the gate could never pass",
+        )
     top = _defaults(TOP, data_dir) | m.layer.top
     return DaemonConfig(
         path=path, health=health, update=UpdateConfig(**u), loops=tuple(loops), data_dir=data_dir, **top

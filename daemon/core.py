@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pitstop import __version__
 from pitstop.errors import PitstopError
@@ -92,7 +92,23 @@ class NoEvents:
 PROGRESS_INTERVAL_S = 0.25
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
-Installer = Callable[[str, ProgressFn], str]  # (source, progress) -> the installed version
+# (source, progress, TLS and auth for an http(s) source) -> the installed version
+Installer = Callable[[str, ProgressFn, "HttpOptions | None"], str]
+
+
+@dataclass(frozen=True)
+class InstallOutcome:
+    ok: bool
+    version: str = ""  # the installed bundle's version (ok)
+    message: str = ""  # why it failed, one line (not ok)
+
+
+class UpdateFlow(Protocol):
+    """The update agent as the API sees it: installs and checks go through it when it runs, so that a local
+    install gets the same reboot policy and health gate as one from the server."""
+
+    def install_local(self, source: str) -> None: ...
+    async def check_now(self) -> bool: ...
 
 
 class DaemonCore:
@@ -104,7 +120,6 @@ class DaemonCore:
         loops: Loops | None = None,
         health: Callable[[], Mapping[str, float]] | None = None,
         reboot: Callable[[], None] | None = None,
-        check_for_update: Callable[[], Any] | None = None,
         installer: Installer | None = None,
         http: HttpOptions | None = None,
     ) -> None:
@@ -113,14 +128,14 @@ class DaemonCore:
         self.loops = loops
         self.health_source = health  # set later by the daemon once its health pipeline exists
         self._reboot = reboot
-        self._check = check_for_update
         self._installer = installer or self._ota_install
-        self.http = http  # TLS and auth for http(s) sources (the update server's, when it hands out URLs)
+        self.http = http  # TLS and auth for http(s) sources given to Install
+        self.flow: UpdateFlow | None = None  # set by the daemon once its update agent runs
         self.events: Events = NoEvents()
         self.state = UpdateState.IDLE
         self.error = ""
         self.progress = Progress()
-        self._job: asyncio.Task[None] | None = None
+        self._job: asyncio.Task[InstallOutcome] | None = None
         self._lock = asyncio.Lock()
         self._status = self.device.status()
 
@@ -149,6 +164,12 @@ class DaemonCore:
     def version(self) -> str:
         return __version__
 
+    def set_state(self, state: UpdateState, reason: str = "") -> None:
+        """The update agent's stages (verifying, committed, failed after the gate) as the API reports them."""
+        if state is UpdateState.FAILED:
+            self.error = reason
+        self._set_state(state, reason)
+
     def _set_state(self, state: UpdateState, reason: str = "") -> None:
         if state != self.state:
             log.info("update state %s -> %s%s", self.state, state, f": {reason}" if reason else "")
@@ -157,14 +178,28 @@ class DaemonCore:
 
     # -- jobs --------------------------------------------------------------------------------------------
 
-    def install(self, source: str) -> asyncio.Task[None]:
-        """Start installing `source`; returns the job (its end is announced through `events.completed`)."""
-        if self._job is not None and not self._job.done():
-            raise BusyError("an install is already running")
-        self._job = asyncio.get_running_loop().create_task(self._install(source))
-        return self._job
+    def request_install(self, source: str) -> None:
+        """Install() over D-Bus: through the update agent when it runs, else a plain install."""
+        if self.flow is not None:
+            self.flow.install_local(source)
+        else:
+            self.install(source)
 
-    async def _install(self, source: str) -> None:
+    def busy(self) -> bool:
+        return self._job is not None and not self._job.done()
+
+    def install(
+        self, source: str, *, http: HttpOptions | None = None, progress: ProgressFn | None = None
+    ) -> asyncio.Task[InstallOutcome]:
+        """Start installing `source`; returns the job (its end is also announced through `events.completed`).
+        `http`: TLS and auth for this source (default: the daemon's); `progress`: called on the event loop."""
+        if self.busy():
+            raise BusyError("an install is already running")
+        job = asyncio.get_running_loop().create_task(self._install(source, http or self.http, progress))
+        self._job = job
+        return job
+
+    async def _install(self, source: str, http: HttpOptions | None, progress: ProgressFn | None) -> InstallOutcome:
         async with self._lock:
             loop = asyncio.get_running_loop()
             self.progress = Progress(0, 0, "install")
@@ -177,25 +212,30 @@ class DaemonCore:
                 now = time.monotonic()
                 if now - last >= PROGRESS_INTERVAL_S or (total and done >= total):
                     last = now
-                    loop.call_soon_threadsafe(self._announce, stage, done, total)
+                    loop.call_soon_threadsafe(self._announce, stage, done, total, progress)
 
             try:
-                version = await asyncio.to_thread(self._installer, source, on_progress)
+                version = await asyncio.to_thread(self._installer, source, on_progress, http)
             except PitstopError as e:
                 await self._failed(e.message)
-                return
+                return InstallOutcome(False, message=e.message)
             except Exception as e:
                 log.exception("install of %s failed", source)
-                await self._failed(f"internal error: {type(e).__name__}")
-                return
+                message = f"internal error: {type(e).__name__}"
+                await self._failed(message)
+                return InstallOutcome(False, message=message)
             await self.refresh()
             self.events.slots_changed()
             self._set_state(UpdateState.INSTALLED, f"version {version}")
-            self.events.completed(True, f"installed version {version}: it runs after the next reboot")
+            when = "it runs after the next reboot" if self._status.slots.pending else "in use now, on trial"
+            self.events.completed(True, f"installed version {version}: {when}")
+            return InstallOutcome(True, version=version)
 
-    def _announce(self, stage: str, done: int, total: int) -> None:
+    def _announce(self, stage: str, done: int, total: int, also: ProgressFn | None) -> None:
         self.progress = Progress(done, total, stage)
         self.events.progress(stage, done, total)
+        if also is not None:
+            also(stage, done, total)
 
     async def _failed(self, message: str) -> None:
         self.error = message
@@ -204,7 +244,7 @@ class DaemonCore:
         self._set_state(UpdateState.FAILED, message)
         self.events.completed(False, message)
 
-    def _ota_install(self, source: str, progress: ProgressFn) -> str:
+    def _ota_install(self, source: str, progress: ProgressFn, http: HttpOptions | None) -> str:
         # The installer and its HTTP stack load when an install runs, not when the daemon starts.
         from pitstop.ota.installer import Installer as OtaInstaller  # noqa: PLC0415
         from pitstop.ota.installer import InstallProgress  # noqa: PLC0415
@@ -212,7 +252,7 @@ class DaemonCore:
         def on_progress(ev: InstallProgress) -> None:
             progress(ev.phase, ev.done, ev.total)
 
-        result = OtaInstaller(self.system, http=self.http, progress=on_progress).install(source)
+        result = OtaInstaller(self.system, http=http, progress=on_progress).install(source)
         return result.manifest.version
 
     async def mark_good(self) -> str:
@@ -237,9 +277,9 @@ class DaemonCore:
         await asyncio.to_thread(self._reboot)
 
     async def check_for_update(self) -> bool:
-        if self._check is None:
+        if self.flow is None:
             raise PitstopError("no update server is configured ([update] server, or provisioning)")
-        return bool(await asyncio.to_thread(self._check))
+        return await self.flow.check_now()
 
     async def start_loop(self, name: str) -> None:
         await self._loops(name).start(name)

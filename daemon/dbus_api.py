@@ -47,7 +47,7 @@ def serve(bus: MessageBus, core: DaemonCore, *, control_group: str) -> tuple[Con
     """Export the API on `bus` (the caller requests the bus name once everything is ready)."""
 
     async def install(source: str) -> None:
-        core.install(source)
+        core.request_install(source)
 
     async def start_loop(name: str) -> None:
         await core.start_loop(name)

@@ -9,9 +9,9 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.aio import MessageBus
@@ -25,12 +25,19 @@ from pitstop.daemon.dbus_api import BUS_NAME, serve
 from pitstop.daemon.errors import DaemonError
 from pitstop.daemon.health_service import HealthService
 from pitstop.daemon.supervisor import EVENT_STATE, LoopEvent, Supervisor
+from pitstop.daemon.update_agent import UpdateAgent
 from pitstop.errors import PitstopError
 from pitstop.ota import system_config
 from pitstop.ota.system_config import SystemConfig
 from pitstop.runner import run
 
+if TYPE_CHECKING:
+    from pitstop.daemon.ddi import DdiClient
+
 log = logging.getLogger(__name__)
+
+# The update agent's client is made at start: these settings apply at the next restart (reload_diff says so).
+_AGENT_RESTART = ("server", "tenant", "controller_id", "token", "gateway_token", "ca_file", "client_cert", "client_key")
 
 
 @dataclass
@@ -69,7 +76,7 @@ async def serve_forever(opts: Options) -> int:
     journal.setup_logging(cfg.log_level)
     bus = await connect(cfg, opts.bus_address)
     loops = Supervisor(cfg.loops, cache_dir=system.data_dir / "pitstop" / "engines")
-    core = DaemonCore(system, loops=loops, reboot=opts.reboot or systemctl_reboot, check_for_update=_checker(cfg))
+    core = DaemonCore(system, loops=loops, reboot=opts.reboot or systemctl_reboot)
     health = HealthService(cfg, core, loop_figures=lambda: _figures(loops))
     core.health_source = health.summary
     obj, events = serve(bus, core, control_group=cfg.control_group)
@@ -90,12 +97,25 @@ async def serve_forever(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = Running(cfg, loops, health)
+    agent = UpdateAgent(
+        core,
+        cfg.update,
+        cfg.state_dir,
+        loops=loops,
+        client=_ddi_client(cfg),
+        enabled_loops=lambda: tuple(lc.name for lc in running.config.loops if lc.enabled),
+    )
+    core.flow = agent
+    running = Running(cfg, loops, health, agent)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(opts, system, running, notifier)))
     watchdog = sdnotify.start_watchdog(notifier, interval) if cfg.watchdog else None
     health.start()
     await loops.start_all()
-    tasks: list[asyncio.Task[None]] = [loop.create_task(t()) for t in opts.extra_tasks]
+    # After the loops: the health gate of an update on trial watches them.
+    tasks: list[asyncio.Task[None]] = [
+        loop.create_task(agent.run()),
+        *(loop.create_task(t()) for t in opts.extra_tasks),
+    ]
     slots = core.status.slots
     notifier.ready(f"serving: booted slot {slots.booted or '?'}, phase {slots.phase.value}")
     log.info("pitstop daemon ready on %s (booted slot %s)", BUS_NAME, slots.booted)
@@ -113,6 +133,8 @@ async def serve_forever(opts: Options) -> int:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await agent.close()
+        agent.shutdown()
         await core.close()
         await loops.shutdown()
         await health.stop()
@@ -128,19 +150,12 @@ def _figures(loops: Supervisor) -> dict[str, dict[str, object]]:
     return {st.name: st.figures for st in loops.statuses() if st.figures}
 
 
-def _checker(cfg: DaemonConfig) -> Callable[[], bool] | None:
-    """CheckForUpdate: one poll of the hawkBit DDI server, if one is configured. The update agent (polling on
-    the server's schedule, deployment, feedback, health gate) builds on the same client."""
+def _ddi_client(cfg: DaemonConfig) -> DdiClient | None:
     if cfg.update.server is None:
         return None
     from pitstop.daemon.ddi import DdiClient  # noqa: PLC0415 - requests loads when an update server is set
 
-    client = DdiClient.from_config(cfg.update)
-
-    def check() -> bool:
-        return client.poll().deployment_href is not None
-
-    return check
+    return DdiClient.from_config(cfg.update)
 
 
 @dataclass
@@ -150,6 +165,7 @@ class Running:
     config: DaemonConfig
     loops: Supervisor
     health: HealthService
+    agent: UpdateAgent
 
 
 async def _apply_loops(loops: Supervisor, old: DaemonConfig, new: DaemonConfig) -> None:
@@ -188,6 +204,7 @@ async def _reload(opts: Options, system: SystemConfig, running: Running, notifie
     if not running.health.reporter.reconfigure(new.health):
         log.warning("health.otlp_url switched on or off: applied at the next restart")
     running.health.sampler.set_partitions(new.health.partitions)
+    running.agent.cfg = replace(new.update, **{k: getattr(running.config.update, k) for k in _AGENT_RESTART})
     running.config = new
     log.info("configuration reloaded%s", f": {', '.join(sorted(live))}" if live else " (no change)")
     notifier.ready("serving")

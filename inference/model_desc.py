@@ -6,6 +6,7 @@ seen from these two files alone. Format: docs/model-description.md.
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -105,8 +106,18 @@ def description_path(model: Path) -> Path:
     return model.with_suffix(".toml")
 
 
+# What `pitstop install` writes beside a model payload (ota/manifest.py MODEL_DESCRIPTION_FILE): the bundle's
+# description of the model, as JSON, next to the model file.
+PAYLOAD_DESCRIPTION = "model.json"
+
+
 def load_description(model: Path, path: Path | None = None) -> ModelDescription:
-    """Read and validate the description of `model` (default: `model` with suffix `.toml`)."""
+    """Read and validate the description of `model`: `path`, else `model` with suffix `.toml`, else, for a
+    model installed from a bundle's model payload, the description its `model.json` carries."""
+    if path is None and not description_path(model).exists():
+        from_payload = _payload_description(model)
+        if from_payload is not None:
+            return from_payload
     path = path or description_path(model)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -117,6 +128,25 @@ def load_description(model: Path, path: Path | None = None) -> ModelDescription:
     except tomllib.TOMLDecodeError as e:
         raise DescriptionError(f"{path}: not valid TOML: {e}") from None
     return parse_description(raw, source=str(path))
+
+
+def _payload_description(model: Path) -> ModelDescription | None:
+    path = model.with_name(PAYLOAD_DESCRIPTION)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DescriptionError(f"{path}: cannot read: {e}") from None
+    if not isinstance(doc, dict) or doc.get("file") != model.name:
+        return None  # it describes another file of the directory
+    desc = doc.get("description")
+    if not isinstance(desc, dict) or not desc:
+        raise DescriptionError(
+            f"{path}: the bundle gave model {model.name} no description (its payload's "
+            "`description` or `description_file`)"
+        )
+    return parse_description(desc, source=f"{path} (description)")
 
 
 def parse_description(raw: dict[str, Any], *, source: str = "<description>") -> ModelDescription:

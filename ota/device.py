@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,6 +140,7 @@ class Device:
 
     def _mark_good(self) -> None:
         env, state = self.load()
+        before = state
         booted = self.booted()
         rec = state.record
         new_env, new_rec = slot_state.mark_good(env, rec, booted, self.cfg.bootloader.tries, self.boot_id())
@@ -153,10 +154,11 @@ class Device:
         elif not waiting and rec.pending is not None:
             state = drop_pending_payloads(state)
         # Record first: the bootloader change is the one the next boot sees, so it goes last.
+        gone = _gone(before, state)
         self.store.save(replace(state, record=new_rec))
         if new_env != env:
             self.bootloader.write(new_env)
-        self.reconcile_links()
+        self.reconcile_links(gone)
 
     def mark_bad(self, slot: str | None = None) -> DeviceStatus:
         with self.locked():
@@ -165,11 +167,12 @@ class Device:
 
     def _mark_bad(self, slot: str | None) -> None:
         env, state = self.load()
+        before = state
         booted = self.booted()
         if slot is None and state.record.pending is None and state.pending_bundle is not None:
             state = drop_pending_payloads(state)  # a model/files-only install: back to the previous versions
             self.store.save(state)
-            self.reconcile_links()
+            self.reconcile_links(_gone(before, state))
             return
         target = slot or booted
         if target is None:
@@ -181,17 +184,26 @@ class Device:
             state = drop_pending_payloads(state)
         self.store.save(replace(state, record=new_rec))
         self.bootloader.write(new_env)
-        self.reconcile_links()
+        self.reconcile_links(_gone(before, state))
 
-    def reconcile_links(self) -> None:
+    def reconcile_links(self, gone: Iterable[str] = ()) -> None:
         """Point each model/files target at the version the state says is live now: a pending version once
-        it is in effect (payload-only install, or booted into the pending slot), else the committed one."""
+        it is in effect (payload-only install, or booted into the pending slot), else the committed one.
+        `gone`: targets the state just forgot (a first version dropped): their link and versions go too."""
         env, state = self.load()
+        for target in gone:
+            if target not in state.payloads:
+                self.payloads.switch(target, None)
+                self.payloads.prune(target, set())
         ph = slot_state.phase(env, state.record, self.booted(), self.boot_id())
         for target, v in state.payloads.items():
             in_effect = v.pending is not None and (not state.pending_rootfs or ph == Phase.TRIAL)
             self.payloads.switch(target, v.pending if in_effect else v.current)
             self.payloads.prune(target, {x for x in (v.current, v.previous, v.pending) if x})
+
+
+def _gone(before: DeviceState, after: DeviceState) -> list[str]:
+    return sorted(set(before.payloads) - set(after.payloads))
 
 
 def _commit_payloads(state: DeviceState) -> DeviceState:

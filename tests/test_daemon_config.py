@@ -314,6 +314,8 @@ ERRORS = [
     ("[update]\npoll_default_s = 10", "update.poll_default_s: 10 is out of range (30 … 604800)"),
     ("[update]\ngate_throughput_fraction = 0", "update.gate_throughput_fraction: 0 is out of range (> 0 and ≤ 1)"),
     ("[update]\ngate_throughput_fraction = 1.5", "update.gate_throughput_fraction: 1.5 is out of range (> 0 and ≤ 1)"),
+    ("[update]\ngate_deadline_s = 20\ngate_hold_s = 20",
+     "update.gate_hold_s: must be shorter than gate_deadline_s (20): the gate could never pass"),
     ('[update]\nreboot = "later"', "update.reboot: 'later' is not allowed (allowed: 'immediate', 'window', 'manual')"),
     ('[update]\nreboot = "window"', 'update.maintenance_window: is required with reboot = "window" ("HH:MM-HH:MM"'),
     (
@@ -563,6 +565,7 @@ def test_reload_classes_match_the_design() -> None:
         "gate_deadline_s",
         "gate_required_units",
         "gate_throughput_fraction",
+        "gate_hold_s",
     }
     assert {s.key for s in config.HEALTH.values if not s.live} == {"prometheus_listen"}
     assert all(s.live for s in config.LOOP.values)
@@ -614,6 +617,7 @@ def test_as_dict_of_the_defaults() -> None:
             "gate_deadline_s": 300.0,
             "gate_required_units": [],
             "gate_throughput_fraction": 0.8,
+            "gate_hold_s": 15.0,
         },
         "loop": [],
     }

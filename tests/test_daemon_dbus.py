@@ -4,14 +4,13 @@ the privileged methods refused to an unprivileged caller (by the daemon itself, 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import threading
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload
@@ -249,7 +248,7 @@ def test_reboot_calls_the_reboot_action(bus: PrivateBus, dev: TestDevice) -> Non
 def test_second_install_while_one_runs_is_refused(bus: PrivateBus, dev: TestDevice) -> None:
     release = threading.Event()
 
-    def slow_install(source: str, progress: ProgressFn) -> str:
+    def slow_install(source: str, progress: ProgressFn, http: object) -> str:
         progress("write", 1, 2)
         release.wait(20)
         return "9.9.9"
@@ -331,46 +330,40 @@ def test_bus_policy_file_refuses_unprivileged_callers() -> None:
         run(main())
 
 
-class _Ddi(BaseHTTPRequestHandler):
-    body = b""
-    seen: ClassVar[list[tuple[str, str]]] = []
+def test_check_for_update_goes_through_the_update_agent(bus: PrivateBus, dev: TestDevice, keys: Keys,
+                                                       tmp_path: Path) -> None:
+    """CheckForUpdate is one poll of the hawkBit server by the update agent; a deployment it finds is installed,
+    with Progress and StateChanged signals on the way and Completed at the end."""
+    from ddikit import TENANT, HawkbitTarget
+    from httpkit import FileServer
 
-    def do_GET(self) -> None:
-        _Ddi.seen.append((self.path, self.headers.get("Authorization", "")))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/hal+json")
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
+    from pitstop.daemon.config import UpdateConfig
+    from pitstop.daemon.ddi import DdiClient, TargetToken
+    from pitstop.daemon.update_agent import UpdateAgent
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def test_check_for_update_polls_the_ddi_server(bus: PrivateBus, dev: TestDevice) -> None:
-    """CheckForUpdate is one poll of the configured hawkBit server (recorded controller-base bodies)."""
-    from pitstop.daemon.config import DaemonConfig, UpdateConfig
-    from pitstop.daemon.service import _checker
-
-    with_deployment = (Path(__file__).parent / "data" / "hawkbit" / "controller_base.json").read_bytes()
-    doc = json.loads(with_deployment)
-    del doc["_links"]["deploymentBase"]
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Ddi)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    cfg = DaemonConfig(update=UpdateConfig(server=url, tenant="TENANT_ID", controller_id="CONTROLLER_ID",
-                                           token="s3cret"))  # fmt: skip
-    try:
+    bundle = make_bundle(tmp_path / "v2.pitb", [rootfs_payload(tmp_path / "v2.img", mixed_data(400_000, 5))], keys,
+                         version="2.0.0", security_version=2)  # fmt: skip
+    with HawkbitTarget() as srv, FileServer() as cdn:
+        client = DdiClient(srv.base_url, TENANT, srv.device, auth=TargetToken(srv.token))
+        cfg = UpdateConfig(server=srv.base_url, controller_id=srv.device, token=srv.token, reboot="manual")
 
         async def main() -> None:
-            async with daemon(bus, dev, check_for_update=_checker(cfg)) as (_core, c):
-                _Ddi.body = with_deployment
-                assert await c.iface.call_check_for_update() is True  # type: ignore[attr-defined]
-                _Ddi.body = json.dumps(doc).encode()
+            async with daemon(bus, dev) as (core, c):
+                core.flow = UpdateAgent(core, cfg, dev.data / "state", client=client)
                 assert await c.iface.call_check_for_update() is False  # type: ignore[attr-defined]
+                srv.assign("3", cdn.add("v2.pitb", bundle), size=bundle.stat().st_size,
+                           sha256=hashlib.sha256(bundle.read_bytes()).hexdigest(),
+                           filename="v2.pitb")  # fmt: skip
+                assert await c.iface.call_check_for_update() is True  # type: ignore[attr-defined]
+                assert (await c.wait_signal("StateChanged"))[0] == "installing"
+                assert (await c.wait_signal("Progress"))[2] > 0
+                ok, message = await c.wait_signal("Completed")
+                assert ok is True and "version 2.0.0" in message, message
+                assert await c.iface.get_update_state() == "installed"  # type: ignore[attr-defined]
 
-        run(main())
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert _Ddi.seen == [("/TENANT_ID/controller/v1/CONTROLLER_ID", "TargetToken s3cret")] * 2
+        try:
+            run(main())
+        finally:
+            client.close()
+    assert srv.executions("3")[0] == "proceeding"
+    assert [(m, p) for m, p, _ in srv.requests][:2] == [("GET", srv.root), ("PUT", f"{srv.root}/configData")]

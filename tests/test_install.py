@@ -713,3 +713,14 @@ def test_state_file_damaged_refused(capsys: Any, used_dev: FileDevice, bundles: 
 def test_leaves_no_state_for_a_refused_first_install(capsys: Any, dev: FileDevice, bundles: dict[str, Path]) -> None:
     refused_untouched(capsys, dev, bundles["incompatible"], COMPAT)
     assert not (dev.data / "pitstop").exists()
+
+
+def test_first_model_version_dropped_leaves_no_link(capsys: Any, dev: FileDevice, bundles: dict[str, Path]) -> None:
+    """`mark-bad` of the first version ever of a target: nothing to go back to, so its link and files go."""
+    installed(capsys, dev, bundles["model1"])
+    assert (dev.data / "models" / "det").is_dir()
+    r = mark_bad(capsys, dev)
+    assert r.rc == 0, r.err
+    assert not (dev.data / "models" / "det").exists() and not (dev.data / "models" / "det").is_symlink()
+    assert versions(dev, "models/det") == set()
+    assert "models/det" not in status(capsys, dev)["payloads"]

@@ -207,3 +207,31 @@ def test_shipped_descriptions_feed_the_postprocessors() -> None:
         pre = Preprocessor(desc.image_input, (480, 640))
         post = make_postprocessor(desc.postprocess, pre.geometry, [o.name for o in desc.outputs], source=desc.source)
         assert post.kind == desc.postprocess.kind
+
+
+def test_description_from_a_model_payload(tmp_path: Path) -> None:
+    """A model installed from a bundle's model payload has `model.json` beside it (ota/bundle_extract.py): its
+    `description` is the model's description when there is no `<model>.toml`."""
+    import dataclasses
+    import json
+    import tomllib
+
+    shipped = tomllib.loads(locate(ORIENTATION).description.read_text())
+    model = tmp_path / "orient.onnx"
+    model.write_bytes(b"")
+    doc = {"name": "orient", "file": "orient.onnx", "sha256": "0" * 64, "description": shipped}
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    found = locate(ORIENTATION)
+    want = load_description(found.model, found.description)
+    want = dataclasses.replace(want, source=f"{tmp_path / 'model.json'} (description)")
+    assert load_description(model) == want
+    (tmp_path / "orient.toml").write_text("name = 'x'\n")  # a .toml beside wins
+    with pytest.raises(DescriptionError, match=r"orient\.toml"):
+        load_description(model)
+    (tmp_path / "orient.toml").unlink()
+    (tmp_path / "model.json").write_text(json.dumps({**doc, "description": {}}))
+    with pytest.raises(DescriptionError, match="no description"):
+        load_description(model)
+    (tmp_path / "model.json").write_text(json.dumps({**doc, "file": "other.onnx"}))
+    with pytest.raises(DescriptionError, match="no model description"):
+        load_description(model)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pitstop import __version__
+from pitstop import __version__, crashpoint
 from pitstop.daemon import update_policy
 from pitstop.daemon.config import UpdateConfig
 from pitstop.daemon.core import BusyError, DaemonCore, UpdateState
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 GATE_INTERVAL_S = 2.0  # how often the gate looks at units and loops
 PROGRESS_FEEDBACK_STEP = 10  # percent between "download" feedbacks to the server
 REBOOT_CHECK_S = 60.0  # a scheduled reboot re-reads the wall clock this often (it may be stepped meanwhile)
+MAX_ATTEMPTS = 3  # installs of one DDI action cut short by a crash or a power cut, before it is reported failed
 
 UnitStates = Callable[[Sequence[str]], dict[str, str]]
 
@@ -120,6 +121,7 @@ class UpdateAgent:
         self._failures = 0
         self._told: tuple[str, str] | None = None  # (action, reason) of the last "scheduled" feedback
         self._feedback_pct = -1
+        self._retry = False  # an interrupted install of the recorded DDI action starts over at the next poll
 
     # -- policy -------------------------------------------------------------------------------------------
 
@@ -254,6 +256,7 @@ class UpdateAgent:
     async def _save(self, rec: UpdateRecord) -> UpdateRecord:
         await asyncio.to_thread(self.store.save, rec)
         self.record = rec
+        crashpoint.hit("agent.saved")
         return rec
 
     async def _finish(self, rec: UpdateRecord, success: bool, message: str, details: tuple[str, ...] = ()) -> None:
@@ -272,6 +275,7 @@ class UpdateAgent:
         """The result goes to the outbox first, then the record is cleared: a crash between the two leaves both,
         and `resume` finishes the move. A new update may start while the result waits for the server."""
         await asyncio.to_thread(self.outbox.save, rec)
+        crashpoint.hit("agent.saved")
         self.unsent = rec
         self.last_result = rec
         self.record = None
@@ -429,10 +433,13 @@ class UpdateAgent:
         return self.core.status.slots.phase is Phase.TRIAL
 
     async def _settled_elsewhere(self, rec: UpdateRecord) -> None:
-        """Someone marked the update good or bad by hand (MarkGood, `pitstop mark-good`) before the gate did."""
+        """The update was settled without the gate's verdict being recorded: by hand (MarkGood, `pitstop mark-good`,
+        MarkBad), or by the gate itself just before a crash or power cut."""
         st = self.core.status.slots
         if rec.kind is Kind.ROOTFS and st.booted == rec.target_slot and st.phase is Phase.NONE:
-            await self._finish(rec, True, f"version {rec.version} was committed by hand before the gate passed")
+            await self._finish(
+                rec, True, f"version {rec.version} is committed (by the gate before a restart cut it short, or by hand)"
+            )
         else:
             await self._finish(rec, False, f"version {rec.version} was settled by hand before the gate passed")
 
@@ -532,9 +539,13 @@ class UpdateAgent:
             )
         elif kind is Kind.UNKNOWN or (rec.stage is Stage.INSTALLING and phase in (Phase.NONE, Phase.INSTALLED)):
             await self._routine_commit()
-            await self._finish(
-                rec, False, "the install was interrupted (the daemon stopped or the power failed); nothing was switched"
-            )
+            why = "the install was interrupted (the daemon stopped or the power failed); nothing was switched"
+            if rec.origin is Origin.DDI and rec.attempts < MAX_ATTEMPTS:
+                # The action is still open on the server: its next poll hands out a fresh link and it starts over.
+                log.warning("%s: attempt %d of %d, again at the next poll", why, rec.attempts + 1, MAX_ATTEMPTS)
+                self._retry = True
+                return
+            await self._finish(rec, False, f"{why} ({rec.attempts} attempts)" if rec.attempts > 1 else why)
         else:
             await self._routine_commit()
             await self._settled_elsewhere(rec)
@@ -633,13 +644,16 @@ class UpdateAgent:
         from pitstop.daemon.ddi_model import Execution, Finished, bundle_artifact  # noqa: PLC0415
 
         rec = self.record
-        if rec is not None:
+        retry = rec is not None and self._retry and rec.action_id == dep.action_id
+        if rec is not None and not retry:
             if rec.action_id != dep.action_id:
                 log.info("action %s waits: %s is not finished", dep.action_id, rec.action_id or "a local update")
             return  # this one is in progress
         if self.unsent is not None and self.unsent.action_id == dep.action_id:
             return  # finished here; the server has not heard yet
-        if self.busy_reason() is not None:
+        if (self._flow is not None and not self._flow.done()) or self.core.busy():
+            return
+        if not retry and self.busy_reason() is not None:
             return
         d = update_policy.decide(
             download=dep.download,
@@ -672,13 +686,12 @@ class UpdateAgent:
             await self._send(lambda: client.feedback(dep.action_id, Execution.CLOSED, Finished.FAILURE, details=[why]))
             return
         url, http = client.artifact_source(artifact)
-        rec = UpdateRecord(
-            Origin.DDI,
-            public_source(url),
-            action_id=dep.action_id,
-            baseline=self.baseline(),
-            from_slot=self.core.status.slots.booted,
-        )
+        if rec is not None and retry:
+            self._retry = False
+            rec = replace(rec, source=public_source(url), attempts=rec.attempts + 1)
+        else:
+            rec = UpdateRecord(Origin.DDI, public_source(url), action_id=dep.action_id, baseline=self.baseline(),
+                               from_slot=self.core.status.slots.booted)  # fmt: skip
         rec = await self._save(rec)
         self._feedback("proceeding", f"installing {artifact.filename} ({artifact.size} bytes)")
         self._start_flow(self._install_flow(rec, url, http))

@@ -61,6 +61,7 @@ class UpdateRecord:
     message: str = ""  # DONE: one line for the report; ROLLING_BACK: why
     details: tuple[str, ...] = ()  # the gate's checks, for the report
     reported: bool = False  # DONE: the server has the final feedback (always true for LOCAL)
+    attempts: int = 1  # installs begun for this action (a crash or a power cut starts one over)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -87,6 +88,7 @@ class UpdateRecord:
             message=str(d["message"]),
             details=tuple(str(x) for x in d["details"]),
             reported=bool(d["reported"]),
+            attempts=int(d.get("attempts", 1)),
         )
 
     def done(self, success: bool, message: str, details: tuple[str, ...] = ()) -> UpdateRecord:

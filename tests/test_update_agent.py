@@ -9,6 +9,10 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
@@ -573,3 +577,58 @@ def test_record_round_trips(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["format"] == 1
     store.clear()
     assert store.load() is None
+
+
+# -- killed at any point -----------------------------------------------------------------------------------------
+
+DRIVER = Path(__file__).with_name("agent_driver.py")
+
+
+def drive(dev: TestDevice, srv: HawkbitTarget, marker: Path, *, crash: str | None, kill_after: float | None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "PITSTOP_CRASHPOINT"}
+    if crash is not None:
+        env["PITSTOP_CRASHPOINT"] = crash
+    argv = [sys.executable, str(DRIVER), str(dev.config_path), str(state_dir(dev)), srv.base_url, srv.device,
+            srv.token, str(marker)]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert proc.returncode in (0, -signal.SIGKILL), out
+    assert "Traceback" not in out, out
+    print(f"--- boot (rc {proc.returncode})\n{out}")
+    return proc.returncode
+
+
+KILLS = [(1, "agent.saved:1", None), (1, "agent.saved:2", None), (2, "agent.saved:1", None),
+         (2, "agent.saved:2", None), (2, "agent.saved:3", None), (1, None, 0.4), (1, None, 0.8), (1, None, 1.2),
+         (2, None, 0.5)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("at_boot", "crash", "kill_after"), KILLS)
+def test_killed_at_any_point_the_update_still_ends_in_one_result(
+    dev: TestDevice, bundles: dict[str, Path], tmp_path: Path, at_boot: int, crash: str | None, kill_after: float | None
+) -> None:
+    """The agent is SIGKILLed after a durable step (crashpoint) or at a time (on this machine: during the install,
+    in the gate), in its first or second boot; each kill is a power cut (GRUB picks the next boot). It carries
+    on each time; in the end the device runs the new slot, committed, and the server has exactly one result."""
+    marker = tmp_path / "reboot-requested"
+    with HawkbitTarget() as srv, FileServer() as cdn:
+        assign(srv, cdn, bundles["v2"])
+        for boot_no in range(1, 9):
+            here = boot_no == at_boot
+            rc = drive(dev, srv, marker, crash=crash if here else None, kill_after=kill_after if here else None)
+            if marker.exists() or rc != 0:
+                marker.unlink(missing_ok=True)
+                dev.reboot()
+            elif srv.final("7"):
+                break
+        final = srv.final("7")
+        assert [f[1] for f in final] == ["success"], srv.feedback("7")
+    from pitstop.ota.device import Device
+
+    st = Device(dev.config()).status().slots
+    assert st.pending is None and st.committed_security_version == 2 and st.primary == "b"
+    assert not (state_dir(dev) / RECORD_FILE).exists() and not (state_dir(dev) / OUTBOX_FILE).exists()

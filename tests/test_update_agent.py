@@ -143,6 +143,17 @@ def first_boot(dev: TestDevice) -> dict[str, str]:
     return dev.snapshot()
 
 
+def settled_boot(dev: TestDevice, cfg: UpdateConfig, *, units: Units | None = None) -> Boot:
+    """Boot, let the agent carry on from what is on disk as far as it goes, shut down."""
+
+    async def main() -> Boot:
+        async with boot(dev, cfg, units=units) as b:
+            await b.agent.settled()
+            return b
+
+    return run(main())
+
+
 async def installed_from_server(dev: TestDevice, cfg: UpdateConfig, srv: HawkbitTarget) -> Boot:
     async with boot(dev, cfg) as b:
         assert await b.agent.check_now() is True
@@ -173,12 +184,7 @@ def test_deployment_installs_reboots_passes_the_gate_and_reports_success(
 
         assert dev.reboot() == "b"  # GRUB: b is primary with tries
 
-        async def second_boot() -> Boot:
-            async with boot(dev, cfg) as b2:
-                await b2.agent.settled()
-                return b2
-
-        b2 = run(second_boot())
+        b2 = settled_boot(dev, cfg)
         assert b2.core.state is UpdateState.COMMITTED
         st = b2.core.status.slots
         assert st.booted == "b" and st.primary == "b" and st.phase is Phase.NONE
@@ -200,12 +206,7 @@ def test_failed_gate_marks_bad_reboots_into_the_fallback_and_reports_the_reason(
         run(installed_from_server(dev, cfg, srv))
         assert dev.reboot() == "b"
 
-        async def trial() -> Boot:
-            async with boot(dev, cfg, units=Units(**{"app.service": "failed"})) as b:
-                await b.agent.settled()
-                return b
-
-        b = run(trial())
+        b = settled_boot(dev, cfg, units=Units(**{"app.service": "failed"}))
         assert b.reboots == ["reboot"], "a failed gate reboots at once, whatever the reboot policy"
         rec = RecordStore(state_dir(dev) / RECORD_FILE).load()
         assert rec is not None and rec.stage is Stage.ROLLING_BACK
@@ -213,12 +214,7 @@ def test_failed_gate_marks_bad_reboots_into_the_fallback_and_reports_the_reason(
         assert srv.final("7") == [], "the result is reported from the fallback, once it runs"
         assert dev.reboot() == "a"  # b is marked bad: GRUB boots a
 
-        async def fallback() -> Boot:
-            async with boot(dev, cfg) as b:
-                await b.agent.settled()
-                return b
-
-        b = run(fallback())
+        b = settled_boot(dev, cfg)
         assert b.core.state is UpdateState.FAILED
         st = b.core.status.slots
         assert st.booted == "a" and st.primary == "a" and st.phase is Phase.NONE
@@ -261,12 +257,7 @@ def test_new_slot_that_never_comes_up_is_reported_after_grub_falls_back(
         booted = [dev.reboot() for _ in range(4)]  # b hangs before the daemon starts: GRUB spends its tries
         assert booted == ["b", "b", "b", "a"], booted
 
-        async def fallback() -> Boot:
-            async with boot(dev, cfg) as b:
-                await b.agent.settled()
-                return b
-
-        b = run(fallback())
+        b = settled_boot(dev, cfg)
         assert b.core.status.slots.booted == "a" and b.core.status.slots.phase is Phase.NONE
         final = srv.final("7")
         assert len(final) == 1 and final[0][1] == "failure"
@@ -389,21 +380,11 @@ def test_local_bundle_goes_through_the_same_gate(dev: TestDevice, bundles: dict[
     assert rec is not None and rec.origin is Origin.LOCAL and rec.source == str(bundles["v2"])
     dev.reboot()
 
-    async def trial() -> Boot:
-        async with boot(dev, cfg, units=Units(**{"app.service": "failed"})) as b:
-            await b.agent.settled()
-            return b
-
-    b = run(trial())
+    b = settled_boot(dev, cfg, units=Units(**{"app.service": "failed"}))
     assert b.reboots == ["reboot"] and b.core.status.slots.primary == "a"
     dev.reboot()
 
-    async def fallback() -> Boot:
-        async with boot(dev, cfg) as b:
-            await b.agent.settled()
-            return b
-
-    b = run(fallback())
+    b = settled_boot(dev, cfg)
     assert b.core.state is UpdateState.FAILED and "unit app.service is failed" in b.core.error
     assert b.agent.last_result is not None and b.agent.last_result.success is False
     assert not (state_dir(dev) / RECORD_FILE).exists() and not (state_dir(dev) / OUTBOX_FILE).exists()
@@ -509,12 +490,7 @@ def test_trial_boot_without_a_record_is_still_gated(dev: TestDevice, bundles: di
     Installer(dev.config()).install(str(bundles["v2"]))
     dev.reboot()
 
-    async def trial() -> Boot:
-        async with boot(dev, update_config(None)) as b:
-            await b.agent.settled()
-            return b
-
-    b = run(trial())
+    b = settled_boot(dev, update_config(None))
     assert b.core.state is UpdateState.COMMITTED and b.core.status.slots.primary == "b"
 
 
@@ -553,12 +529,7 @@ def test_unreadable_record_is_moved_aside(dev: TestDevice) -> None:
     d.mkdir(parents=True)
     (d / RECORD_FILE).write_text("{not json")
 
-    async def main() -> Boot:
-        async with boot(dev, update_config(None)) as b:
-            await b.agent.settled()
-            return b
-
-    b = run(main())
+    b = settled_boot(dev, update_config(None))
     assert (d / f"{RECORD_FILE}.unreadable").exists() and not (d / RECORD_FILE).exists()
     assert b.core.state is UpdateState.IDLE
 

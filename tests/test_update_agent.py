@@ -134,12 +134,7 @@ def assign(srv: HawkbitTarget, cdn: FileServer, bundle: Path, action: str = "7",
 
 def first_boot(dev: TestDevice) -> dict[str, str]:
     """A boot with nothing to do (the routine commit records the factory slot); the device's files after it."""
-
-    async def main() -> None:
-        async with boot(dev, update_config(None)) as b:
-            await b.agent.settled()
-
-    run(main())
+    settled_boot(dev, update_config(None))
     return dev.snapshot()
 
 

@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from pitstop import __version__
+from pitstop.daemon.errors import BusyError, UnknownLoopError
 from pitstop.errors import PitstopError
 from pitstop.ota.device import Device, DeviceStatus
 from pitstop.ota.system_config import SystemConfig
@@ -35,16 +36,6 @@ class UpdateState(StrEnum):
     VERIFYING = "verifying"  # booted into the new slot: the health gate runs
     COMMITTED = "committed"
     FAILED = "failed"
-
-
-class BusyError(PitstopError):
-    """Another job (an install, a commit) is running."""
-
-    exit_code = 57
-
-
-class UnknownLoopError(PitstopError, KeyError):
-    exit_code = 55
 
 
 class Loops(Protocol):
@@ -87,6 +78,8 @@ class NoEvents:
     def slots_changed(self) -> None:
         pass
 
+
+STATUS_MAX_AGE_S = 1.0  # the API's view of the slots is at most this old
 
 # How often progress is announced at most: a bundle has tens of thousands of chunks.
 PROGRESS_INTERVAL_S = 0.25
@@ -138,6 +131,7 @@ class DaemonCore:
         self._job: asyncio.Task[InstallOutcome] | None = None
         self._lock = asyncio.Lock()
         self._status = self.device.status()
+        self._status_at = time.monotonic()
 
     # -- reported state ----------------------------------------------------------------------------------
 
@@ -148,10 +142,23 @@ class DaemonCore:
     async def refresh(self) -> None:
         self._status = await asyncio.to_thread(self.device.status)
 
+    def current_status(self) -> DeviceStatus:
+        """The status as the files say now, for the API: `pitstop mark-good --local` and friends change them
+        behind the daemon's back. Re-read at most every STATUS_MAX_AGE_S (reading takes about 0.5 ms); kept
+        as it was while a job holds the device."""
+        now = time.monotonic()
+        if now - self._status_at >= STATUS_MAX_AGE_S and not self._lock.locked():
+            self._status_at = now
+            try:
+                self._status = self.device.status()
+            except PitstopError as e:
+                log.warning("device status not re-read: %s", e.message)
+        return self._status
+
     def slot_rows(self) -> list[tuple[str, bool, bool, bool, bool, int, str]]:
         return [
             (v.name, v.booted, v.primary, v.bootable, v.pending_commit, v.tries_left, str(v.bundle.get("version", "")))
-            for v in self._status.slots.slots
+            for v in self.current_status().slots.slots
         ]
 
     def health(self) -> dict[str, float]:

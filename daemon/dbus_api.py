@@ -58,8 +58,8 @@ def serve(bus: MessageBus, core: DaemonCore, *, control_group: str) -> tuple[Con
     async def mark_bad(slot: str) -> None:
         await core.mark_bad(slot)
 
-    def st() -> Status:  # the status object is replaced as slots change
-        return core.status.slots
+    def st() -> Status:
+        return core.current_status().slots
 
     obj = ContractObject(
         bus,

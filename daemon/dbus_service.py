@@ -21,6 +21,7 @@ from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.introspection import Interface, Node
 
+from pitstop.daemon.errors import NotAuthorizedError
 from pitstop.errors import PitstopError
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,6 @@ ERROR_PREFIX = "org.pitstop.Error."
 
 Method = Callable[..., Awaitable[Any]]
 Getter = Callable[[], Any]
-
-
-class NotAuthorizedError(PitstopError):
-    """The caller may not call a privileged method."""
-
-    exit_code = 56
 
 
 def may_control(uid: int, group: str) -> bool:

@@ -43,7 +43,30 @@ class LoopSupervisionError(PitstopError):
     exit_code = 55
 
 
+class UnknownLoopError(LoopSupervisionError, KeyError):
+    """No loop of that name is configured."""
+
+
 class DaemonUnavailableError(PitstopError):
     """A client command could not reach the daemon over D-Bus (not running, no permission)."""
 
     exit_code = 56
+
+
+class NotAuthorizedError(PitstopError):
+    """The caller may not call a privileged method (root and the daemon's control group may)."""
+
+    exit_code = 56
+
+
+class BusyError(PitstopError):
+    """Another job (an install, a commit, an update on its way) is running."""
+
+    exit_code = 57
+
+
+class InstallFailedError(PitstopError):
+    """An install handed to the daemon failed. The daemon reports only why (a one-line message), not the kind
+    of failure, so this is one code for all of them; `pitstop install --local` gives the specific one."""
+
+    exit_code = 58

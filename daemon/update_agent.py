@@ -27,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pitstop import __version__, crashpoint
 from pitstop.daemon import update_policy
 from pitstop.daemon.config import UpdateConfig
-from pitstop.daemon.core import BusyError, DaemonCore, UpdateState
-from pitstop.daemon.errors import DdiError
+from pitstop.daemon.core import DaemonCore, UpdateState
+from pitstop.daemon.errors import BusyError, DdiError
 from pitstop.daemon.health_gate import Gate, GatePolicy, LoopReading, Result, Verdict
 from pitstop.daemon.update_record import OUTBOX_FILE, RECORD_FILE, Kind, Origin, RecordStore, Stage, UpdateRecord
 from pitstop.errors import PitstopError

@@ -3,16 +3,22 @@
 Two kinds: `permissive` (every call reaches the service, so the daemon's own authorization is what is tested)
 and `system` (the system bus's default deny, plus the daemon's policy file: what a device enforces at the bus).
 The socket's directory is world-traversable so that a client running as `nobody` can connect.
+
+`ServedDaemon` serves the real daemon core and its API on such a bus from a thread, for tests written as plain
+synchronous code (the `pitstop` command run against it as a subprocess).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 
@@ -110,3 +116,85 @@ class PrivateBus:
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+class ServedDaemon:
+    """The daemon core (pitstop.daemon.core) and its D-Bus API served on `bus` from an event loop in a thread of
+    its own, the name requested last as `pitstop daemon` does: tests in plain synchronous code (a CLI run as a
+    subprocess, say) talk to a real daemon. `core_kw` goes to DaemonCore (installer=, reboot=, ...). With
+    `update` (an UpdateConfig), installs go through the update agent, as in `pitstop daemon`: its state is kept
+    in `state_dir`."""
+
+    def __init__(
+        self,
+        bus: PrivateBus,
+        system_config: Path,
+        *,
+        control_group: str = "pitstop",
+        update: Any = None,
+        state_dir: Path | None = None,
+        **core_kw: Any,
+    ) -> None:
+        self.bus = bus
+        self.system_config = system_config
+        self.control_group = control_group
+        self.update = update
+        self.state_dir = state_dir
+        self.core_kw = core_kw
+        self.core: Any = None  # the DaemonCore, once serving
+        self.agent: Any = None  # the UpdateAgent, with `update`
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="served-daemon", daemon=True)
+
+    def __enter__(self) -> ServedDaemon:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the daemon core did not start within 30 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+
+    async def _main(self) -> None:
+        from dbus_fast.aio import MessageBus
+
+        from pitstop.daemon import dbus_api
+        from pitstop.daemon.core import DaemonCore
+        from pitstop.ota.system_config import load
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        sbus = await MessageBus(bus_address=self.bus.address).connect()
+        core = DaemonCore(load(self.system_config), **self.core_kw)
+        if self.update is not None:
+            from pitstop.daemon.update_agent import UpdateAgent
+
+            assert self.state_dir is not None, "an update agent keeps its record in state_dir"
+            self.agent = core.flow = UpdateAgent(core, self.update, self.state_dir)
+        obj, _ = dbus_api.serve(sbus, core, control_group=self.control_group)
+        try:
+            await sbus.request_name(dbus_api.BUS_NAME)
+            self.core = core
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            if self.agent is not None:
+                await self.agent.close()
+                self.agent.shutdown()
+            await core.close()
+            obj.unexport()
+            sbus.disconnect()

@@ -216,6 +216,26 @@ def test_mark_good_and_mark_bad(bus: PrivateBus, dev: TestDevice) -> None:
     assert env["a_OK"] == "1" and env["b_OK"] == "0"
 
 
+def test_slots_follow_changes_made_without_the_daemon(bus: PrivateBus, dev: TestDevice, keys: Keys,
+                                                      tmp_path: Path) -> None:
+    """`pitstop install --local` while the daemon runs: the properties show it within STATUS_MAX_AGE_S."""
+    from pitstop.daemon.core import STATUS_MAX_AGE_S
+    from pitstop.ota.installer import Installer
+
+    bundle = make_bundle(tmp_path / "v2.pitb", [rootfs_payload(tmp_path / "v2.img", mixed_data(200_000, 4))], keys,
+                         version="2.0.0", security_version=2)  # fmt: skip
+
+    async def main() -> None:
+        async with daemon(bus, dev) as (_core, c):
+            i: Any = c.iface
+            assert await i.get_primary_slot() == "a"
+            await asyncio.to_thread(Installer(dev.config()).install, str(bundle))
+            await asyncio.sleep(STATUS_MAX_AGE_S + 0.1)
+            assert await i.get_primary_slot() == "b" and await i.get_phase() == "activated"
+
+    run(main())
+
+
 def test_errors_are_typed_and_one_line(bus: PrivateBus, dev: TestDevice) -> None:
     async def main() -> None:
         async with daemon(bus, dev) as (_core, c):

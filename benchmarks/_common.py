@@ -301,6 +301,63 @@ def bench_main(name: str, args: Any, run: Callable[[Any, Path], dict[str, Any]],
     return 0
 
 
+# --- a private D-Bus ---------------------------------------------------------------------------------
+
+# Every call reaches the service (the session-bus kind of policy): what is measured is the daemon, not the bus.
+_PERMISSIVE_BUS = (
+    '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" '
+    '"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+    "<busconfig><type>pitstop-bench</type><listen>unix:path={sock}</listen><auth>EXTERNAL</auth>"
+    '<policy context="default"><allow user="*"/><allow own="*"/><allow send_type="method_call"/>'
+    '<allow send_type="signal"/><allow send_requested_reply="true"/><allow receive_type="*"/></policy>'
+    "</busconfig>\n"
+)
+
+
+@contextlib.contextmanager
+def private_bus(directory: Path) -> Iterator[str]:
+    """A dbus-daemon of its own (socket and configuration in `directory`), never the host's buses; yields its
+    address and stops it afterwards. Raises CommandFailed when it does not start."""
+    exe = require_tools("dbus-daemon")["dbus-daemon"]
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "bus.conf"
+    conf.write_text(_PERMISSIVE_BUS.format(sock=directory / "bus"))
+    argv = [exe, "--config-file", str(conf), "--nofork", "--nopidfile", "--print-address=1"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+        if not address:
+            raise CommandFailed(argv, proc.wait(), proc.stderr.read() if proc.stderr else "")
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
+
+
+def bus_call(address: str, *args: str, timeout: float = 20) -> str:
+    """`dbus-send --print-reply` on the bus at `address`: its output; raises CommandFailed."""
+    argv = ["dbus-send", f"--bus={address}", "--print-reply", f"--reply-timeout={int(timeout * 1000)}", *args]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5, check=False)
+    if res.returncode != 0:
+        raise CommandFailed(argv, res.returncode, res.stderr)
+    return res.stdout
+
+
+def bus_has_owner(address: str, name: str) -> bool:
+    out = bus_call(address, "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                   "org.freedesktop.DBus.NameHasOwner", f"string:{name}")
+    return "boolean true" in out
+
+
 def pitstop_command(explicit: str | None) -> list[str]:
     """The pitstop to measure: --pitstop, else the venv's script, else PATH, else `python -m`."""
     if explicit:

@@ -6,10 +6,14 @@ once in the log. A single figure a GPU does not support (power on some boards) i
 Jetson: NVML initialises there but reports almost nothing (power, temperature, utilisation and memory are
 NotSupported on Orin), so `gpu_source` picks `JetsonSource`, which is the place to read tegrastats or sysfs
 (a later issue; it yields nothing for now).
+
+pynvml is imported only once its library loads: the module alone is about 2 MiB of a CPU-only daemon's memory
+(benchmarks/daemon_footprint.py), for a driver that is not there.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 from pathlib import Path
@@ -18,6 +22,8 @@ from typing import Any
 from pitstop.daemon.health import LogOnce, Metric, MetricSource
 
 log = logging.getLogger(__name__)
+
+NVML_LIBRARY = "libnvidia-ml.so.1"  # what pynvml loads on Linux (the driver installs it)
 
 
 def is_jetson(root: Path = Path("/")) -> bool:
@@ -66,6 +72,9 @@ class NvmlSource:
             return self._handles
         try:
             if self._nvml is None:
+                missing = nvml_library_error()
+                if missing is not None:  # pynvml's own name for this, so the line reads the same either way
+                    return self._disable(f"NVML unavailable: NVMLError_LibraryNotFound: {missing}")
                 self._nvml = importlib.import_module("pynvml")
             nv = self._nvml
             nv.nvmlInit()
@@ -158,6 +167,15 @@ class NvmlSource:
                 )
             )
         return out
+
+
+def nvml_library_error(name: str = NVML_LIBRARY) -> str | None:
+    """Why the NVML library cannot be loaded (the loader's message), or None when it can."""
+    try:
+        ctypes.CDLL(name)
+    except OSError as e:
+        return str(e) or f"{name} cannot be loaded"
+    return None
 
 
 def _text(v: Any) -> str:

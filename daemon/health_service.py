@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from pitstop import __version__
 from pitstop.daemon.config import DaemonConfig
@@ -17,7 +18,9 @@ from pitstop.daemon.health import HealthSampler, Metric, inference_metrics, slot
 from pitstop.daemon.otlp import resource_attributes
 from pitstop.daemon.prometheus import PrometheusEndpoint
 from pitstop.daemon.reporter import Reporter
-from pitstop.daemon.spool import SPOOL_FILE, Spool, open_spool
+
+if TYPE_CHECKING:
+    from pitstop.daemon.spool import Spool
 
 LoopFigures = Callable[[], dict[str, dict[str, object]]]
 
@@ -41,6 +44,9 @@ class HealthService:
         )  # fmt: skip
         self.spool: Spool | None = None
         if cfg.health.otlp_url:
+            # sqlite3 (and, in the reporter, requests and protobuf) load only when pushing: see reporter.py.
+            from pitstop.daemon.spool import SPOOL_FILE, open_spool  # noqa: PLC0415
+
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             self.spool = open_spool(cfg.state_dir / SPOOL_FILE, cfg.health.spool_max_reports)
         self.prom = (

@@ -257,7 +257,7 @@ def setup_logging(
 ) -> logging.Handler:
     """Send `logger`'s records (the root logger by default) to the journal when running under systemd and its
     socket exists, else to stderr. Calling it again (SIGHUP: a new log level) replaces the handler it installed
-    before. Returns the handler."""
+    before, and the CLI's stderr handler. Returns the handler."""
     target = logger or logging.getLogger()
     lvl = LEVELS[level.lower()] if isinstance(level, str) else level
     handler: logging.Handler
@@ -268,9 +268,13 @@ def setup_logging(
         handler.setFormatter(_StreamFormatter(prefix_priority=stderr_is_journal(environ)))
     handler.set_name("pitstop")  # how the next call finds it
     for old in list(target.handlers):
-        if old.get_name() == "pitstop":
+        # Ours from an earlier call, and the CLI's plain stderr handler (logging.basicConfig): with it every record
+        # would be written twice, under systemd once to the journal and once more through stderr.
+        plain_stderr = type(old) is logging.StreamHandler and old.stream in (sys.stderr, sys.__stderr__)
+        if old.get_name() == "pitstop" or plain_stderr:
             target.removeHandler(old)
-            old.close()
+            if old.get_name() == "pitstop":
+                old.close()
     target.addHandler(handler)
     target.setLevel(lvl)
     return handler

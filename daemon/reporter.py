@@ -30,16 +30,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import requests
-from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+from typing import TYPE_CHECKING
 
 from pitstop.daemon.config import HealthConfig
 from pitstop.daemon.errors import SpoolError
 from pitstop.daemon.health import AttrValue, HealthSample, LogOnce, Metric
 from pitstop.daemon.otlp import CONTENT_TYPE, SEQ_ATTR, SPOOL_ATTR, encode
-from pitstop.daemon.spool import Entry, Spool, SpoolCounters
+
+if TYPE_CHECKING:
+    # requests, protobuf and sqlite3 (the spool) load only when there is an OTLP URL to push to: without one
+    # the daemon never needs them (about 10 MiB of its memory; benchmarks/daemon_footprint.py).
+    import requests
+
+    from pitstop.daemon.spool import Entry, Spool, SpoolCounters
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,14 @@ class Reporter:
         self._spool = spool if self.url is not None else None
         self._resource = dict(resource)
         self._listeners = list(listeners)
-        self._session = session or requests.Session()
-        self._session.headers.update(config.otlp_headers)
+        # Only a reporter that pushes needs a session (pushing cannot be switched on in place: `reconfigure`).
+        if session is None and self.url is not None:
+            import requests  # noqa: PLC0415 - see the imports
+
+            session = requests.Session()
+        self._session = session
+        if session is not None:
+            session.headers.update(config.otlp_headers)
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self.retry_after_max_s = retry_after_max_s
@@ -125,9 +134,10 @@ class Reporter:
         the same spool, which picks up where this one stopped."""
         if (config.otlp_url is None) != (self.url is None):
             return False
-        for name in set(self.config.otlp_headers) - set(config.otlp_headers):
-            self._session.headers.pop(name, None)
-        self._session.headers.update(config.otlp_headers)
+        if self._session is not None:
+            for name in set(self.config.otlp_headers) - set(config.otlp_headers):
+                self._session.headers.pop(name, None)
+            self._session.headers.update(config.otlp_headers)
         self.config = config
         self.url = config.otlp_url
         if self._spool is not None:
@@ -360,7 +370,9 @@ class Reporter:
 
     def _post(self, payload: bytes) -> _Outcome:
         """Worker thread: one POST, classified."""
-        assert self.url is not None
+        import requests  # noqa: PLC0415 - loaded with the session already
+
+        assert self.url is not None and self._session is not None
         timeout = self.config.otlp_timeout_s
         try:
             resp = self._session.post(
@@ -462,6 +474,11 @@ def _retry_after(value: str | None, cap: float) -> float | None:
 def _rejected_points(body: bytes) -> int:
     if not body:
         return 0
+    from google.protobuf.message import DecodeError  # noqa: PLC0415 - see the imports
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (  # noqa: PLC0415
+        ExportMetricsServiceResponse,
+    )
+
     try:
         return int(ExportMetricsServiceResponse.FromString(body).partial_success.rejected_data_points)
     except DecodeError:

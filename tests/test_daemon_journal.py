@@ -4,10 +4,12 @@ parses the native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL), including entri
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import socket
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,6 +225,24 @@ def test_setup_logging_outside_systemd_or_without_socket_uses_stderr(journald: F
         h = journal.setup_logging("info", socket_path=tmp_path / "none", environ={"INVOCATION_ID": "a"}, logger=log)
         assert type(h) is logging.StreamHandler
         assert len(log.handlers) == 1
+    finally:
+        for h in list(log.handlers):
+            log.removeHandler(h)
+            h.close()
+
+
+def test_setup_logging_replaces_the_cli_stderr_handler(journald: FakeJournald) -> None:
+    """`pitstop` sets up plain stderr logging (basicConfig) before `pitstop daemon` sets up its own: each record
+    must be written once, not once per handler."""
+    log = logging.getLogger("pitstop.test.setup3")
+    log.propagate = False
+    cli = logging.StreamHandler(sys.stderr)
+    kept = logging.StreamHandler(io.StringIO())  # someone else's handler stays
+    log.addHandler(cli)
+    log.addHandler(kept)
+    try:
+        h = journal.setup_logging("info", socket_path=journald.path, environ={"INVOCATION_ID": "abc"}, logger=log)
+        assert log.handlers == [kept, h]
     finally:
         for h in list(log.handlers):
             log.removeHandler(h)

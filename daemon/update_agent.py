@@ -17,7 +17,7 @@ import logging
 import platform
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -695,10 +695,6 @@ class UpdateAgent:
         rec = await self._save(rec)
         self._feedback("proceeding", f"installing {artifact.filename} ({artifact.size} bytes)")
         self._start_flow(self._install_flow(rec, url, http))
-
-    def summary(self) -> Mapping[str, Any]:
-        rec = self.record or self.last_result
-        return {} if rec is None else rec.to_json()
 
     def shutdown(self) -> None:
         self._sender.shutdown(wait=False, cancel_futures=True)

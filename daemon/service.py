@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The update agent's client is made at start: these settings apply at the next restart (reload_diff says so).
-_AGENT_RESTART = ("server", "tenant", "controller_id", "token", "gateway_token", "ca_file", "client_cert", "client_key")
+# The update agent's client is made at start: its settings that a reload cannot apply keep their old values.
+_AGENT_RESTART = tuple(s.key for s in daemon_config.UPDATE.values if not s.live)
 
 
 @dataclass

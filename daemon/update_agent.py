@@ -115,7 +115,6 @@ class UpdateAgent:
         self.last_result: UpdateRecord | None = None  # the last finished update, for status
         self._flow: asyncio.Task[None] | None = None
         self._reboot_task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         self._poll_lock = asyncio.Lock()
         self._server_sleep: float | None = None
         self._failures = 0
@@ -153,12 +152,13 @@ class UpdateAgent:
             delay = update_policy.poll_delay(
                 self._server_sleep, default_s=self.cfg.poll_default_s, failures=self._failures, rand=self.rand()
             )
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await asyncio.sleep(delay)
+
+    def _flow_running(self) -> bool:
+        return self._flow is not None and not self._flow.done()
 
     def busy_reason(self) -> str | None:
-        if self._flow is not None and not self._flow.done():
+        if self._flow_running():
             return "an update is in progress"
         if self.core.busy():
             return "an install is already running"
@@ -188,8 +188,8 @@ class UpdateAgent:
 
     async def settled(self) -> None:
         """Wait until the update flow under way (if any) has gone as far as it can without a reboot."""
-        while self._flow is not None and not self._flow.done():
-            await asyncio.wait([self._flow])
+        while (flow := self._flow) is not None and not flow.done():
+            await asyncio.wait([flow])
 
     async def close(self) -> None:
         for t in (self._reboot_task, self._flow):
@@ -453,16 +453,9 @@ class UpdateAgent:
         rec = await self._save(
             replace(rec, stage=Stage.ROLLING_BACK, message=f"health gate failed: {reason}", details=details)
         )
-        if rec.kind is Kind.PAYLOADS:
-            await self.core.mark_bad("")
-            await self._restart_loops()
-            await self._finish(rec, False, f"{rec.message}; back on the previous models/files", details)
-            return
-        self._feedback("proceeding", f"{rec.message}: rolling back to slot {rec.from_slot}")
-        await self.core.mark_bad(rec.target_slot or "")
-        self.core.set_state(UpdateState.REBOOTING, "rolling back")
-        await self._flush()
-        await self.core.reboot()
+        if rec.kind is not Kind.PAYLOADS:
+            self._feedback("proceeding", f"{rec.message}: rolling back to slot {rec.from_slot}")
+        await self._continue_rollback(rec)
 
     # -- across reboots -------------------------------------------------------------------------------------
 
@@ -564,8 +557,12 @@ class UpdateAgent:
                 await self._restart_loops()
             await self._finish(rec, False, f"{rec.message}; back on the previous models/files", rec.details)
         elif st.booted == rec.target_slot:
-            # Power failed between the gate's verdict and the reboot: finish what was started.
-            await self._roll_back(rec, rec.message.removeprefix("health gate failed: "), rec.details)
+            # Right after the gate's verdict, or after a power cut before the reboot landed (marking bad again
+            # is harmless): the previous slot next.
+            await self.core.mark_bad(rec.target_slot or "")
+            self.core.set_state(UpdateState.REBOOTING, "rolling back")
+            await self._flush()
+            await self.core.reboot()
         else:
             await self._routine_commit()
             await self._finish(rec, False, f"{rec.message}; slot {st.booted} runs again", rec.details)
@@ -651,7 +648,7 @@ class UpdateAgent:
             return  # this one is in progress
         if self.unsent is not None and self.unsent.action_id == dep.action_id:
             return  # finished here; the server has not heard yet
-        if (self._flow is not None and not self._flow.done()) or self.core.busy():
+        if self._flow_running() or self.core.busy():
             return
         if not retry and self.busy_reason() is not None:
             return

@@ -1,0 +1,1 @@
+"""pitstop.server: the site/dev update server (hawkBit DDI subset, OTLP ingest, SQLite)."""

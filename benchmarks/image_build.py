@@ -3,9 +3,9 @@
 Issue targets (issue 4), each measured in this run:
 - warm rebuild (the recipe unchanged except one overlay file, the stage cache of the cold build) takes at
   most 0.25x the cold build (an empty stage cache: mmdebstrap downloads and installs every package);
-- pitstop's own start takes at most 2 s of the boot: the run time of the process that `pitstop-mark-good.service`
-  starts (`pitstop mark-good`: interpreter start, imports, reading the device state, writing grubenv), from
-  systemd's ExecMainStartTimestamp to ExecMainExitTimestamp, read inside the guest. Under TCG every instruction
+- pitstop's own start takes at most 2 s of the boot: the pitstop daemon's start (`pitstop.service`, Type=notify:
+  interpreter start, imports, the bus, the API, the device state), from systemd's ExecMainStartTimestamp to
+  the unit's ActiveEnterTimestamp (the daemon's READY=1), read inside the guest. Under TCG every instruction
   is emulated, so the guest also times, once the boot is over, `pitstop status` and a bare `python3 -c pass`:
   the interpreter alone is the floor pitstop's start is compared with.
 
@@ -50,8 +50,8 @@ START_TARGET_S = 2.0
 REPORT_UNIT = """\
 [Unit]
 Description=benchmark: boot timings on the console, then power off
-After=pitstop-mark-good.service
-Wants=pitstop-mark-good.service
+After=pitstop.service
+Wants=pitstop.service
 
 [Service]
 Type=oneshot
@@ -66,14 +66,14 @@ REPORT = """\
 #!/bin/sh
 # Monotonic timestamps (microseconds since the kernel started) of pitstop's unit; then, on a quiet system,
 # the wall time of `pitstop status` and of a bare `python3 -c pass` (the interpreter alone); then power off.
-u=pitstop-mark-good.service
+u=pitstop.service
 v() { systemctl show -P "$1" "$u"; }
 ms() { s=$(date +%s%N); "$@" >/dev/null 2>&1; e=$(date +%s%N); echo $(( (e - s) / 1000000 )); }
 sleep 5
 py=$(ms python3 -c pass)
 st=$(ms /opt/pitstop/bin/pitstop status)
 echo "BENCH-BOOT inactive_exit=$(v InactiveExitTimestampMonotonic) main_start=$(v ExecMainStartTimestampMonotonic)" \\
-     "main_exit=$(v ExecMainExitTimestampMonotonic) idle_python_ms=$py idle_status_ms=$st" >/dev/console
+     "active_enter=$(v ActiveEnterTimestampMonotonic) idle_python_ms=$py idle_status_ms=$st" >/dev/console
 systemctl --no-block poweroff
 """
 
@@ -172,7 +172,7 @@ def boot(image: Path, tmp: Path, limit: float = 600.0) -> dict[str, float]:
     if ready is None or not report:
         sys.exit(f"the image did not report ready within {limit:.0f} s (serial log: {tmp / 'serial.log'})")
     us = 1e6
-    own = (report["main_exit"] - report["main_start"]) / us
+    own = (report["active_enter"] - report["main_start"]) / us
     return {
         "boot_to_ready_s": ready,
         # The guest's clock starts with its kernel; the host saw QEMU start earlier (firmware, GRUB).
@@ -276,8 +276,10 @@ def report(res: dict[str, object]) -> None:
     reused = res["warm_reused"]
     assert isinstance(reused, dict)
     if not reused.get("system"):
-        print("  WARNING: the warm rebuild rebuilt the system stage: pitstop's tree changed during the run "
-              "(the wheel is part of its key), so this is not the figure the target is about; rerun")
+        print(
+            "  WARNING: the warm rebuild rebuilt the system stage: pitstop's tree changed during the run "
+            "(the wheel is part of its key), so this is not the figure the target is about; rerun"
+        )
     s = res["sizes"]
     assert isinstance(s, dict)
     print(
@@ -294,7 +296,7 @@ def report(res: dict[str, object]) -> None:
             f"unit {b['kernel_to_pitstop_unit_s']:.1f} s"
         )
         print(
-            f"pitstop's own start (mark-good at boot)   {own:7.2f} s   {own / START_TARGET_S:.3f}x the 2 s target: "
+            f"pitstop's own start (daemon to READY=1) {own:7.2f} s   {own / START_TARGET_S:.3f}x the 2 s target: "
             f"{verdict(own <= START_TARGET_S)}"
         )
         print(
@@ -305,7 +307,7 @@ def report(res: dict[str, object]) -> None:
             slow = b["idle_python_s"] / b["host_python_s"]
             print(
                 f"  TCG runs the interpreter {slow:.0f}x slower than this host ({b['host_python_s'] * 1000:.0f} ms "
-                f"here): in this host's terms, mark-good at boot {own / slow:.2f} s, `pitstop status` "
+                f"here): in this host's terms, the daemon's start {own / slow:.2f} s, `pitstop status` "
                 f"{b['idle_pitstop_status_s'] / slow:.2f} s (an estimate: {verdict(own / slow <= START_TARGET_S)} "
                 "by it; a KVM or hardware boot measures it)"
             )

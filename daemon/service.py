@@ -28,6 +28,7 @@ from pitstop.daemon.supervisor import EVENT_STATE, LoopEvent, Supervisor
 from pitstop.daemon.update_agent import UpdateAgent
 from pitstop.errors import PitstopError
 from pitstop.ota import system_config
+from pitstop.ota.slot_state import Content, Phase
 from pitstop.ota.system_config import SystemConfig
 from pitstop.runner import run
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from pitstop.daemon.ddi import DdiClient
 
 log = logging.getLogger(__name__)
+
+READY_LINE = "PITSTOP-READY"
 
 # The update agent's client is made at start: its settings that a reload cannot apply keep their old values.
 _AGENT_RESTART = tuple(s.key for s in daemon_config.UPDATE.values if not s.live)
@@ -49,6 +52,13 @@ class Options:
     # Called once the daemon is ready (tests wait on it instead of polling the bus).
     on_ready: Callable[[], Awaitable[None] | None] | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Told the committed slot's name once this boot's update flow has settled (default: the ready line on stdout).
+    on_committed: Callable[[str], None] | None = None
+
+
+def print_ready(slot: str) -> None:
+    # The unit sends stdout, and only stdout, to the console too: boot tests and HIL rigs wait for this line.
+    print(f"{READY_LINE} slot={slot}", flush=True)
 
 
 def systemctl_reboot() -> None:
@@ -114,6 +124,7 @@ async def serve_forever(opts: Options) -> int:
     # After the loops: the health gate of an update on trial watches them.
     tasks: list[asyncio.Task[None]] = [
         loop.create_task(agent.run()),
+        loop.create_task(_announce_committed(agent, core, notifier, opts.on_committed or print_ready)),
         *(loop.create_task(t()) for t in opts.extra_tasks),
     ]
     slots = core.status.slots
@@ -144,6 +155,24 @@ async def serve_forever(opts: Options) -> int:
             loop.remove_signal_handler(sig)
         notifier.close()
     return 0
+
+
+async def _announce_committed(
+    agent: UpdateAgent, core: DaemonCore, notifier: sdnotify.Notifier, tell: Callable[[str], None]
+) -> None:
+    """Once this boot's update flow has gone as far as it can (a routine commit, or an update's health gate and
+    commit): if the booted slot is committed, say so. A slot on its way back to the other one stays silent."""
+    await agent.resumed.wait()
+    await agent.settled()
+    await core.refresh()
+    st = core.status.slots
+    booted = next((v for v in st.slots if v.booted), None)
+    if booted is None or booted.content is not Content.GOOD or st.phase is Phase.TRIAL:
+        log.info("slot %s is not committed: not announcing it ready", st.booted)
+        return
+    notifier.status(f"serving: slot {booted.name} committed")
+    log.info("slot %s committed and serving", booted.name, extra=journal.fields(PITSTOP_SLOT=booted.name))
+    tell(booted.name)
 
 
 def _figures(loops: Supervisor) -> dict[str, dict[str, object]]:

@@ -121,6 +121,7 @@ class UpdateAgent:
         self._told: tuple[str, str] | None = None  # (action, reason) of the last "scheduled" feedback
         self._feedback_pct = -1
         self._retry = False  # an interrupted install of the recorded DDI action starts over at the next poll
+        self.resumed = asyncio.Event()  # resume() has looked at the record: settled() now means this boot's flow
 
     # -- policy -------------------------------------------------------------------------------------------
 
@@ -461,6 +462,12 @@ class UpdateAgent:
 
     async def resume(self) -> None:
         """Continue from the record (and the device's own state) after a start, a reboot or a power cut."""
+        try:
+            await self._resume()
+        finally:
+            self.resumed.set()
+
+    async def _resume(self) -> None:
         self.unsent = await asyncio.to_thread(self.outbox.load)
         rec = await asyncio.to_thread(self.store.load)
         if rec is not None and rec.stage is Stage.DONE:  # stopped between the outbox write and the clear

@@ -381,13 +381,22 @@ def _keyring(path: Path) -> str | None:
     return None
 
 
-def _toml_file(path: Path) -> str | None:
+def _daemon_config_file(path: Path) -> str | None:
+    """The daemon's own validation, so that an image never boots into a daemon that refuses its configuration."""
+    from pitstop.daemon.config import loads as daemon_config  # noqa: PLC0415 - only recipes with a daemon config
+    from pitstop.daemon.errors import DaemonConfigError  # noqa: PLC0415
+
     try:
-        tomllib.loads(path.read_text())
+        text = path.read_text()
+        tomllib.loads(text)
     except (OSError, UnicodeDecodeError) as e:
         return f"cannot read: {e}"
     except tomllib.TOMLDecodeError as e:
         return f"not valid TOML: {e}"
+    try:
+        daemon_config(text, Path("/etc/pitstop/pitstop.toml"))
+    except DaemonConfigError as e:
+        return e.message.removeprefix("/etc/pitstop/pitstop.toml: ")
     return None
 
 
@@ -749,13 +758,13 @@ DAEMON = Table(
         Setting(
             "enable",
             Flag(),
-            "Start pitstop at boot. Until the daemon lands: `pitstop-mark-good.service`, which marks the "
-            "booted slot good and prints `PITSTOP-READY slot=<s>` on the console.",
+            "Start the pitstop daemon (`pitstop.service`) at boot. It commits the booted slot (after the health "
+            "gate when it is new) and then prints `PITSTOP-READY slot=<s>` on the console.",
             True,
         ),
         Setting(
             "config",
-            PathKind("file", check=_toml_file),
+            PathKind("file", check=_daemon_config_file),
             "The daemon's configuration (TOML), installed as `/etc/pitstop/pitstop.toml`.",
             None,
         ),

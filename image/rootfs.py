@@ -32,6 +32,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from pitstop.atomic import atomic_write, fsync_dir
@@ -66,9 +67,16 @@ DPKG_OPTIONS = (
 )
 VENV = "/opt/pitstop"
 WHEELS_IN_TREE = "/opt/pitstop-wheels"  # inside the tree; removed before the image is made
-READY_SCRIPT = "/usr/local/lib/pitstop/ready"
 SSH_KEYS_DIR = "/data/ssh"
 UNIT_DIR = "etc/systemd/system"
+# The daemon's files, from the same tree as the wheel: vendor locations, so /etc can override them.
+DAEMON_FILES = (
+    ("pitstop.service", "/usr/lib/systemd/system/pitstop.service", 0o644),
+    ("org.pitstop.Daemon1.conf", "/usr/share/dbus-1/system.d/org.pitstop.Daemon1.conf", 0o644),
+    ("org.pitstop.Daemon1.xml", "/usr/share/dbus-1/interfaces/org.pitstop.Daemon1.xml", 0o644),
+)
+# Root and this group may call the daemon's methods (its bus policy and its own check).
+CONTROL_GROUP = "pitstop"
 ROOTFS_LABEL = "rootfs"
 # Left out of every tree: per-device or per-build state that would make every device alike or every build differ.
 _REMOVE = (
@@ -293,31 +301,6 @@ ExecStart=/usr/bin/ssh-keygen -A -f {SSH_KEYS_DIR}
 WantedBy=ssh.service
 """
 
-# Until the daemon exists (its issue brings pitstop.service): mark the booted slot good once the system is up,
-# and say so on the console, where the boot tests read it.
-MARK_GOOD_UNIT = f"""\
-[Unit]
-Description=pitstop: mark the booted slot good
-RequiresMountsFor={systemconf.DATA_DIR} {systemconf.ESP_MOUNT}
-
-[Service]
-Type=oneshot
-ExecStart={VENV}/bin/pitstop mark-good
-ExecStartPost={READY_SCRIPT}
-StandardOutput=journal+console
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
-READY = """\
-#!/bin/sh
-# pitstop: tell the console (where boot tests and HIL rigs read it) that this slot is up and marked good.
-slot=$(sed -n 's/.*pitstop[.]slot=\\([A-Za-z0-9_]*\\).*/\\1/p' /proc/cmdline)
-echo "PITSTOP-READY slot=${slot:-unknown}" >/dev/console
-"""
-
 
 def sshd_config(recipe: Recipe) -> str:
     s = recipe.ssh
@@ -390,10 +373,10 @@ def configure_tree(recipe: Recipe, tree: Path, *, keyring_pem: bytes) -> list[st
     else:
         _write(tree, "/etc/systemd/journald.conf.d/50-pitstop.conf", "[Journal]\nStorage=volatile\n")
     _write(tree, "/etc/tmpfiles.d/pitstop.conf", "".join(f"{t}\n" for t in tmpfiles))
-    _write(tree, f"{UNIT_DIR}/pitstop-mark-good.service", MARK_GOOD_UNIT)
-    _write(tree, READY_SCRIPT, READY, 0o755)
+    for name, dest, mode in DAEMON_FILES:
+        _write(tree, dest, daemon_file(name), mode)
     if recipe.daemon.enable:
-        units.append("pitstop-mark-good.service")
+        units.append("pitstop.service")
     units += ["systemd-networkd.service"] + (
         ["systemd-resolved.service"] if "systemd-resolved" in packages(recipe) else []
     )
@@ -445,6 +428,15 @@ def user_commands(recipe: Recipe) -> list[list[str]]:
             cmd += ["--groups", ",".join(u.groups)]
         cmds += [[*cmd, u.name], ["passwd", "--lock", u.name]]
     return cmds
+
+
+def daemon_file(name: str) -> str:
+    return (resources.files("pitstop.daemon") / "data" / name).read_text()
+
+
+def group_commands() -> list[list[str]]:
+    """Before the recipe's users, who may be members."""
+    return [["groupadd", "--system", CONTROL_GROUP]]
 
 
 def pitstop_commands() -> list[list[str]]:
@@ -580,7 +572,7 @@ def build_system(
     clean_tree(tree)
     units = configure_tree(recipe, tree, keyring_pem=keyring_pem)
     shutil.copytree(wheels, in_tree(tree, WHEELS_IN_TREE))
-    for cmd in [*user_commands(recipe), *pitstop_commands(), ["systemctl", "enable", *units]]:
+    for cmd in [*group_commands(), *user_commands(recipe), *pitstop_commands(), ["systemctl", "enable", *units]]:
         chroot(tree, cmd, epoch)
     install_authorized_keys(recipe, tree)
     pkgs = installed_packages(tree)
@@ -678,9 +670,7 @@ def build_rootfs(
     base = build_base(recipe, cache, epoch, pinned=pinned, refresh=refresh)
     if on_stage:
         on_stage("base", base.reused)
-    system = build_system(
-        recipe, cache, base, keyring_pem=keyring_pem, wheels=wheels, epoch=epoch, pinned=pinned
-    )
+    system = build_system(recipe, cache, base, keyring_pem=keyring_pem, wheels=wheels, epoch=epoch, pinned=pinned)
     if on_stage:
         on_stage("system", system.reused)
     # Beside the cached system tree (hard links need the same filesystem), removed whatever happens.

@@ -111,7 +111,7 @@ def write_recipe(directory: Path, text: str = RECIPE, *, name: str = "small.toml
     (directory / "keys" / "operator.pub").write_text(f"# the operator's key\n{SSH_KEY}\n")
     (directory / "overlay" / "etc").mkdir(parents=True, exist_ok=True)
     (directory / "overlay" / "etc" / "motd").write_text("hello\n")
-    (directory / "pitstop.toml").write_text("[upstream]\npoll = 60\n")
+    (directory / "pitstop.toml").write_text("[update]\npoll_default_s = 60\n")
     (directory / "models").mkdir(exist_ok=True)
     (directory / "models" / "det.onnx").write_bytes(bytes(range(256)) * 64)
     keyring = directory / "keyring.pem"

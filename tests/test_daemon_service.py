@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bundlekit import Keys
+from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload
 from dbuskit import PrivateBus
 from devicekit import TestDevice, make_device
 
@@ -92,6 +92,8 @@ def test_daemon_notifies_serves_reloads_and_stops(bus: PrivateBus, dev: TestDevi
     try:
         ready = notify.wait_for("READY=1")
         assert any("STATUS=serving: booted slot a" in m for m in ready), ready
+        # Nothing on trial: the routine commit of slot a, then the ready line (stdout: the console, in an image).
+        notify.wait_for("STATUS=serving: slot a committed")
         # Health: sampled each second, on the Prometheus endpoint and in the Health property.
         text = ""
         for _ in range(50):
@@ -129,6 +131,36 @@ def test_daemon_notifies_serves_reloads_and_stops(bus: PrivateBus, dev: TestDevi
         notify.wait_for("STOPPING=1")
         assert proc.wait(20) == 0
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+        assert (proc.stdout.read() if proc.stdout else "").splitlines() == ["PITSTOP-READY slot=a"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+
+
+def test_ready_line_waits_for_the_gate_of_a_slot_on_trial(
+    bus: PrivateBus, dev: TestDevice, keys: Keys, tmp_path: Path
+) -> None:
+    """Booted into a freshly installed slot: `PITSTOP-READY slot=b` only once the health gate has committed it."""
+    from pitstop.ota.installer import Installer
+
+    bundle = make_bundle(tmp_path / "v2.pitb", [rootfs_payload(tmp_path / "v2.img", mixed_data(300_000, 2))], keys,
+                         version="2.0.0", security_version=2)  # fmt: skip
+    Installer(dev.config()).install(str(bundle))
+    assert dev.reboot() == "b"
+    notify = NotifySocket(tmp_path / "notify")
+    proc = start(bus, dev, config_file(tmp_path, "[update]\ngate_hold_s = 1.5\ngate_deadline_s = 20"), notify.path)
+    try:
+        ready = notify.wait_for("READY=1")
+        assert any("STATUS=serving: booted slot b, phase trial" in m for m in ready), ready
+        t0 = time.monotonic()
+        notify.wait_for("STATUS=serving: slot b committed")
+        assert time.monotonic() - t0 >= 1.0, "committed before the gate held for gate_hold_s"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert (proc.stdout.read() if proc.stdout else "").splitlines() == ["PITSTOP-READY slot=b"]
+        assert dev.env()["ORDER"].split()[0] == "b" and dev.env()["b_OK"] == "1"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -3,8 +3,9 @@
 The pieces without Debian (keys, sizes, stage keys, the first bundle, progress, QEMU's command line) run
 everywhere. The must-show runs in the default suite on CI (root, QEMU): recipes/ipc-x86_64.toml built with
 mmdebstrap (cached in .cache/image between runs), booted under QEMU (TCG) to `PITSTOP-READY slot=a`; inside
-it `pitstop install` of the build's first bundle from a real HTTP server, the reboot into slot b committed;
-then a bundle whose rootfs cannot boot, and the fall back to slot b by GRUB's boot counting alone.
+it `pitstop install` of the build's first bundle from a real HTTP server, through the pitstop daemon, which
+reboots into slot b by itself and commits it after its health gate; then a bundle whose rootfs cannot boot,
+the fall back to slot b by GRUB's boot counting alone, and the daemon there recording the failed update.
 """
 
 from __future__ import annotations
@@ -264,7 +265,9 @@ def test_ipc_build_outputs(ipc_image: build.Result, capsys: pytest.CaptureFixtur
     assert b"--autologin root" in debugfs_cat(
         o.rootfs, "/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf"
     )
-    assert "pitstop-mark-good.service" in debugfs(o.rootfs, "ls /etc/systemd/system/multi-user.target.wants")
+    assert "pitstop.service" in debugfs(o.rootfs, "ls /etc/systemd/system/multi-user.target.wants")
+    assert b'<policy group="pitstop">' in debugfs_cat(o.rootfs, "/usr/share/dbus-1/system.d/org.pitstop.Daemon1.conf")
+    assert re.search(rb"^pitstop:x:\d+:", debugfs_cat(o.rootfs, "/etc/group"), re.M)
     res = run_cli(
         capsys,
         "bundle",
@@ -316,11 +319,25 @@ class Console:
         return int(m[1]), [ln.text for ln in self.vm.lines[start:i]]
 
 
-def slot_is_up(sh: Console, slot: str, start: int, *, other_bad: bool = False) -> float:
+def install_and_reboot(sh: Console, url: str, timeout: float) -> int:
+    """`pitstop install URL` at the console: the daemon installs, the command exits 0, and the daemon reboots by
+    its policy (immediate). Returns the line where the reboot's output may begin."""
+    sh.n += 1
+    start = sh.vm.mark()
+    sh.vm.send(f"pitstop -q install {url}; echo @@done-{sh.n} rc=$?@@\n")
+    # The reboot follows the command's end at once: take whichever line comes first.
+    i, line = sh.vm.wait_for(rf"@@done-{sh.n} rc=(\d+)@@|pitstop-grub: booting slot", timeout, start=start)
+    m = re.search(rf"@@done-{sh.n} rc=(\d+)@@", line.text)
+    assert m is None or m[1] == "0", "\n".join(ln.text for ln in sh.vm.lines[start : i + 1][-20:])
+    return i if m is None else i + 1
+
+
+def slot_is_up(sh: Console, slot: str, start: int, *, other_bad: bool = False, update: str | None = None) -> float:
     """After line `start`: `PITSTOP-READY slot=<slot>`, no failed unit, and `pitstop status` calling that slot
     good, booted and primary (and, with `other_bad`, the other one not good). Returns when it reported ready."""
     _, line = sh.vm.wait_for(r"PITSTOP-READY", 300, start=start)
-    assert line.text.strip() == f"PITSTOP-READY slot={slot}"
+    # journald forwards the daemon's stdout to the console with its own prefix (`[  53.1] pitstop[348]: `).
+    assert re.search(r"PITSTOP-READY slot=(\S+)", line.text)[1] == slot, line.text  # type: ignore[index]
     failed = [ln.text for ln in sh.vm.lines[start:] if "[FAILED]" in ln.text]
     assert not failed, "\n".join(failed)
     sh.ready()
@@ -328,6 +345,8 @@ def slot_is_up(sh: Console, slot: str, start: int, *, other_bad: bool = False) -
     assert rc == 0 and any(re.search(rf"slot {slot}: good .* booted primary", ln) for ln in out), out
     other = "b" if slot == "a" else "a"
     assert not (other_bad and any(re.search(rf"slot {other}: good", ln) for ln in out)), out
+    # The daemon answered (not the --local fallback), and its update agent ended where the scenario says.
+    assert any(re.search(rf"^daemon: pitstop \S+, update {update or ''}", ln) for ln in out), out
     return line.t
 
 
@@ -373,22 +392,18 @@ def test_ipc_image_boots_updates_to_b_and_rolls_back_a_broken_bundle(ipc_image: 
             part, fs = (int(x) for x in [ln.strip() for ln in out if ln.strip().isdigit()][-2:])
             assert part >= data_size + (1 << 30) - (1 << 20), (part, data_size)  # less the backup GPT
             assert fs > data_size, (fs, data_size)
-            rc, out = sh.run(f"pitstop -q install http://10.0.2.2:{port}/first.pitb", 900)
-            assert rc == 0, "\n".join(out[-20:])
-            start = vm.mark()
-            vm.send("reboot\n")
+            # Over D-Bus to the daemon, which installs and reboots at once ([update] reboot = "immediate").
+            start = install_and_reboot(sh, f"http://10.0.2.2:{port}/first.pitb", 900)
             vm.wait_for(r"pitstop-grub: booting slot b", 180, start=start)
-            slot_is_up(sh, "b", start)
-            rc, out = sh.run(f"pitstop -q install http://10.0.2.2:{port}/broken.pitb", 300)
-            assert rc == 0, "\n".join(out[-20:])
-            start = vm.mark()
-            vm.send("reboot\n")
+            # Slot b on trial: the daemon's health gate holds, then it commits and says so.
+            slot_is_up(sh, "b", start, update="committed")
+            start = install_and_reboot(sh, f"http://10.0.2.2:{port}/broken.pitb", 300)
             # Three tries of the broken slot, each a kernel panic and a reset, then GRUB falls back to b.
             for _ in range(3):
                 _, failed = vm.wait_for(r"PITSTOP-BOOT-FAILED slot=a", 240, start=start)
                 start = vm.lines.index(failed) + 1
             vm.wait_for(r"pitstop-grub: booting slot b", 60, start=start)
-            slot_is_up(sh, "b", start, other_bad=True)
+            slot_is_up(sh, "b", start, other_bad=True, update="failed")
             print(f"slot a ready {ready_a:.0f} s after QEMU started; whole scenario {vm.elapsed:.0f} s")
             vm.send("poweroff\n")
             vm.wait_exit(120)

@@ -36,6 +36,11 @@ FIRMWARE = {
 }
 
 
+# The user-mode network's ids: the HIL rig pulls the virtual cable with QMP `set_link` on the NIC (hil/qemu_target.py).
+NETDEV_ID = "net0"
+NIC_ID = "nic0"
+
+
 def kvm_usable(arch: str = "x86_64", cpuinfo: str | None = None, dev: Path = Path("/dev/kvm")) -> bool:
     """KVM for a guest of the host's architecture, on a CPU that shows hardware virtualization. A /dev/kvm on
     a CPU without vmx/svm (a software nested layer) cannot run stock firmware: not usable."""
@@ -101,7 +106,7 @@ def argv(image: Path, nvram: Path, opts: BootOptions = BootOptions()) -> list[st
         # An e1000 without its option ROM: the firmware has no driver for it and leaves it alone. With
         # virtio-net, OVMF drives the NIC itself: each warm reset spent 15-25 s in the firmware here, and a
         # reboot right after a large download hung before GRUB read its configuration (TCG).
-        cmd += ["-netdev", f"user,id=net0{fwd}", "-device", "e1000,netdev=net0,romfile="]
+        cmd += ["-netdev", f"user,id={NETDEV_ID}{fwd}", "-device", f"e1000,netdev={NETDEV_ID},id={NIC_ID},romfile="]
     else:
         cmd += ["-nic", "none"]
     return cmd

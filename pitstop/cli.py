@@ -14,6 +14,7 @@ from pitstop.image import cli as image_cli
 from pitstop.inference import cli as inference_cli
 from pitstop.ota import cli as ota_cli
 from pitstop.ota import device_cli
+from pitstop.server import cli as server_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     inference_cli.register(sub)
     image_cli.register(sub)
     daemon_cli.register(sub)
+    server_cli.register(sub)
     return parser
 
 

@@ -635,8 +635,12 @@ HEALTH = Table(
         Setting(
             "otlp_url",
             Text("an http:// or https:// URL", _URL),
-            "OTLP/HTTP metrics endpoint (e.g. `https://site:4318/v1/metrics`); unset: no upstream push.",
+            "OTLP/HTTP metrics endpoint (e.g. `https://site:4318/v1/metrics`). Unset: `metrics_url` from "
+            "`<data_dir>/identity/upstream.toml` (then, unless `otlp_headers` is set, sent with "
+            "`Authorization: TargetToken <token>` of the same file), else no upstream push.",
             None,
+            shown="from identity",
+            unset_means="none, not even from identity (no upstream push)",
         ),
         Setting(
             "otlp_headers",
@@ -1066,6 +1070,7 @@ class Identity:
     token: str | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    metrics_url: str | None = None
 
 
 def read_identity(data_dir: Path) -> Identity:
@@ -1081,7 +1086,7 @@ def read_identity(data_dir: Path) -> Identity:
                 "(1-64 letters, digits, '.', '_', '-', starting with a letter or digit)"
             )
         device_id = text
-    server = token = None
+    server = token = metrics_url = None
     upstream = _toml_file(d / "upstream.toml")
     if upstream is not None:
         file = str(d / "upstream.toml")
@@ -1090,9 +1095,11 @@ def read_identity(data_dir: Path) -> Identity:
             server = _value(UPDATE.setting("server"), upstream["url"], file, "url")
         if "token" in upstream:
             token = _value(UPDATE.setting("token"), upstream["token"], file, "token")
+        if "metrics_url" in upstream:
+            metrics_url = _value(HEALTH.setting("otlp_url"), upstream["metrics_url"], file, "metrics_url")
     cert, key = d / "device.pem", d / "device.key"
     pair = (cert, key) if cert.is_file() and key.is_file() else (None, None)
-    return Identity(device_id, server, token, *pair)
+    return Identity(device_id, server, token, pair[0], pair[1], metrics_url)
 
 
 def _with_identity(config: DaemonConfig, m: _Merged, ident: Identity) -> DaemonConfig:
@@ -1111,7 +1118,14 @@ def _with_identity(config: DaemonConfig, m: _Merged, ident: Identity) -> DaemonC
         changes["token"] = ident.token
     if unset("client_cert") and unset("client_key") and ident.client_cert is not None:
         changes["client_cert"], changes["client_key"] = ident.client_cert, ident.client_key
-    return dataclasses.replace(config, update=dataclasses.replace(u, **changes))
+    health = config.health
+    if "health.otlp_url" not in m.origin and ident.metrics_url is not None:
+        # The provisioned endpoint is the site's: it knows the device by the token it was provisioned with.
+        headers = health.otlp_headers
+        if "health.otlp_headers" not in m.origin and ident.token is not None:
+            headers = {"Authorization": f"TargetToken {ident.token}"}
+        health = dataclasses.replace(health, otlp_url=ident.metrics_url, otlp_headers=headers)
+    return dataclasses.replace(config, update=dataclasses.replace(u, **changes), health=health)
 
 
 # --- public -------------------------------------------------------------------------------------------------

@@ -319,12 +319,13 @@ class Rig:
         server_url: str,
         token: str = "hil-token",  # noqa: S107 (a test token for a test server)
         recipe: Path | None = None,
+        metrics_url: str | None = None,
     ) -> Provision:
         """A factory identity from the rig's own factory CA; the recipe is the image's when known."""
         cert, key = self.factory_ca()
         if recipe is None and self.image is not None:
             recipe = self.image.recipe
-        return Provision(device_id, server_url, token, cert, key, recipe=recipe)
+        return Provision(device_id, server_url, token, cert, key, recipe=recipe, metrics_url=metrics_url)
 
     def new_target(self, name: str) -> Target:
         self._devices += 1

@@ -52,6 +52,7 @@ class Provision:
     recipe: Path | None = None  # checks the disk is this product's; sets the host name
     days: int = 7300
     replace: bool = False
+    metrics_url: str | None = None  # health reports (OTLP/HTTP), sent with the token
 
     def apply(self, disk: Path) -> None:
         """Raises ProvisionError (pitstop.image.errors) as `pitstop image provision` would."""
@@ -64,7 +65,13 @@ class Provision:
             hostname = recipe.render_hostname(r.system.hostname, self.device_id)
             expect = partitions.identity_uuid(r.identity, "fs:data")
         files = provision.identity_files(
-            self.device_id, ca, server_url=self.server_url, token=self.token, hostname=hostname, days=self.days
+            self.device_id,
+            ca,
+            server_url=self.server_url,
+            token=self.token,
+            hostname=hostname,
+            days=self.days,
+            metrics_url=self.metrics_url,
         )
         provision.provision(disk, files, replace=self.replace, expect_fs_uuid=expect)
 

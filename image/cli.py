@@ -84,6 +84,11 @@ def register(sub: Any) -> None:
     p.add_argument("--ca-key", type=Path, required=True, help="factory CA private key (PEM, unencrypted)")
     p.add_argument("--server", required=True, help="update server URL")
     p.add_argument("--token-file", type=Path, required=True, help="file holding the device's update server token")
+    p.add_argument(
+        "--metrics-url",
+        help="OTLP/HTTP endpoint for the device's health reports, sent with its token (pitstop server: "
+        "SERVER/v1/metrics)",
+    )
     p.add_argument("--recipe", type=Path, help="check the target is an image of this recipe; set the host name")
     p.add_argument("--days", type=int, default=7300, help="device certificate validity (default 7300)")
     p.add_argument("--replace", action="store_true", help="replace an existing identity")
@@ -199,7 +204,13 @@ def cmd_provision(args: argparse.Namespace) -> int:
         hostname = recipe.render_hostname(r.system.hostname, args.device_id)
         expect = partitions.identity_uuid(r.identity, "fs:data")
     files = provision.identity_files(
-        args.device_id, ca, server_url=args.server, token=token, hostname=hostname, days=args.days
+        args.device_id,
+        ca,
+        server_url=args.server,
+        token=token,
+        hostname=hostname,
+        days=args.days,
+        metrics_url=args.metrics_url,
     )
     provision.provision(args.target, files, replace=args.replace, expect_fs_uuid=expect)
     named = f" (host name {hostname})" if hostname else ""

@@ -10,7 +10,7 @@ Written into `/identity/` of the data partition (`/data/identity/` on the device
 | `device.key` | 0600 | the device's private key (ECDSA P-256, PKCS#8 PEM), made here |
 | `device.pem` | 0644 | its certificate (CN = device id, client authentication), then the factory CA's |
 | `factory-ca.pem` | 0644 | the factory CA certificate |
-| `upstream.toml` | 0600 | `url` and `token` of the update server |
+| `upstream.toml` | 0600 | `url`, `token` of the update server; `metrics_url` (health, OTLP/HTTP) if given |
 | `hostname` | 0644 | the host name from the recipe's pattern (only with a recipe) |
 
 How: `debugfs -w` on the ext4 filesystem at the data partition's offset (`DISK?offset=BYTES`), in place. Why
@@ -123,12 +123,21 @@ def issue_device_cert(
 
 
 def identity_files(
-    device_id: str, ca: FactoryCa, *, server_url: str, token: str, hostname: str | None = None, days: int = 7300
+    device_id: str,
+    ca: FactoryCa,
+    *,
+    server_url: str,
+    token: str,
+    hostname: str | None = None,
+    days: int = 7300,
+    metrics_url: str | None = None,
 ) -> dict[str, tuple[bytes, int]]:
     """{file name under identity/: (content, mode)} for one device."""
     check_device_id(device_id)
     if not _URL_RE.fullmatch(server_url):
         raise ProvisionError(f"update server URL {server_url!r}: an http:// or https:// URL")
+    if metrics_url is not None and not _URL_RE.fullmatch(metrics_url):
+        raise ProvisionError(f"metrics URL {metrics_url!r}: an http:// or https:// URL")
     if not token or any(c.isspace() or not c.isprintable() for c in token):
         raise ProvisionError("the token must be printable, without spaces or line breaks")
     key_pem, chain = issue_device_cert(ca, device_id, days=days)
@@ -137,11 +146,18 @@ def identity_files(
         "device.key": (key_pem, 0o600),
         "device.pem": (chain, 0o644),
         "factory-ca.pem": (ca.cert.public_bytes(serialization.Encoding.PEM), 0o644),
-        "upstream.toml": (f"url = {json.dumps(server_url)}\ntoken = {json.dumps(token)}\n".encode(), 0o600),
+        "upstream.toml": (_upstream(server_url, token, metrics_url), 0o600),
     }
     if hostname is not None:
         files["hostname"] = (f"{hostname}\n".encode(), 0o644)
     return files
+
+
+def _upstream(server_url: str, token: str, metrics_url: str | None) -> bytes:
+    text = f"url = {json.dumps(server_url)}\ntoken = {json.dumps(token)}\n"
+    if metrics_url is not None:
+        text += f"metrics_url = {json.dumps(metrics_url)}\n"
+    return text.encode()
 
 
 # --- the data partition, in place ---------------------------------------------------------------------------

@@ -314,8 +314,10 @@ ERRORS = [
     ("[update]\npoll_default_s = 10", "update.poll_default_s: 10 is out of range (30 … 604800)"),
     ("[update]\ngate_throughput_fraction = 0", "update.gate_throughput_fraction: 0 is out of range (> 0 and ≤ 1)"),
     ("[update]\ngate_throughput_fraction = 1.5", "update.gate_throughput_fraction: 1.5 is out of range (> 0 and ≤ 1)"),
-    ("[update]\ngate_deadline_s = 20\ngate_hold_s = 20",
-     "update.gate_hold_s: must be shorter than gate_deadline_s (20): the gate could never pass"),
+    (
+        "[update]\ngate_deadline_s = 20\ngate_hold_s = 20",
+        "update.gate_hold_s: must be shorter than gate_deadline_s (20): the gate could never pass",
+    ),
     ('[update]\nreboot = "later"', "update.reboot: 'later' is not allowed (allowed: 'immediate', 'window', 'manual')"),
     ('[update]\nreboot = "window"', 'update.maintenance_window: is required with reboot = "window" ("HH:MM-HH:MM"'),
     (
@@ -438,6 +440,27 @@ def test_configuration_wins_over_identity(tmp_path: Path, data_dir: Path) -> Non
     write(path, '[update]\nserver = ""\ntoken = ""\n')
     u = load(path, data_dir).update
     assert (u.server, u.token, u.controller_id) == (None, None, "SN-0042")
+
+
+def test_provisioned_metrics_endpoint_gets_the_devices_token(tmp_path: Path, data_dir: Path) -> None:
+    ident = provision(data_dir)
+    with (ident / "upstream.toml").open("a") as f:
+        f.write('metrics_url = "https://site.example/v1/metrics"\n')
+    h = load(tmp_path / "pitstop.toml", data_dir).health
+    assert h.otlp_url == "https://site.example/v1/metrics"
+    assert h.otlp_headers == {"Authorization": "TargetToken tok"}
+    # A collector configured in a file is never sent the provisioned token; a file's headers are kept.
+    path = write(tmp_path / "pitstop.toml", '[health]\notlp_url = "https://collector.example/v1/metrics"\n')
+    h = load(path, data_dir).health
+    assert (h.otlp_url, h.otlp_headers) == ("https://collector.example/v1/metrics", {})
+    write(path, '[health]\notlp_headers = { X-Site = "7" }\n')
+    h = load(path, data_dir).health
+    assert (h.otlp_url, h.otlp_headers) == ("https://site.example/v1/metrics", {"X-Site": "7"})
+    write(path, '[health]\notlp_url = ""\n')
+    assert load(path, data_dir).health.otlp_url is None
+    write(ident / "upstream.toml", 'url = "https://hb.example"\nmetrics_url = "ftp://x"\n')
+    with pytest.raises(DaemonConfigError, match=r"metrics_url: 'ftp://x' is not allowed"):
+        load(tmp_path / "pitstop.toml", data_dir)
 
 
 def test_identity_certificate_only_as_a_pair(tmp_path: Path, data_dir: Path) -> None:

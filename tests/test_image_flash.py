@@ -511,6 +511,28 @@ def test_provision_refuses_a_dirty_filesystem(fresh: Path, ca: Ca) -> None:
         provision.provision(fresh, _files(ca))
 
 
+def test_provisioned_upstream_is_what_the_daemon_reads(ca: Ca, tmp_path: Path) -> None:
+    from pitstop.daemon.config import read_identity
+
+    loaded = provision.load_factory_ca(ca.cert, ca.key)
+    files = provision.identity_files("dev-7", loaded, server_url="http://10.0.2.2:8080", token="tok-7",
+                                     metrics_url="http://10.0.2.2:8080/v1/metrics")  # fmt: skip
+    ident = tmp_path / "data" / "identity"
+    ident.mkdir(parents=True)
+    for name, (content, _mode) in files.items():
+        (ident / name).write_bytes(content)
+    got = read_identity(tmp_path / "data")
+    assert (got.device_id, got.server, got.token, got.metrics_url) == (
+        "dev-7", "http://10.0.2.2:8080", "tok-7", "http://10.0.2.2:8080/v1/metrics"
+    )  # fmt: skip
+    assert (
+        b"metrics_url"
+        not in provision.identity_files("a", loaded, server_url="https://x", token="t")["upstream.toml"][0]
+    )
+    with pytest.raises(ProvisionError, match="metrics URL"):
+        provision.identity_files("a", loaded, server_url="https://x", token="t", metrics_url="ftp://x")
+
+
 def test_provision_refuses_bad_input(ca: Ca, tmp_path: Path) -> None:
     loaded = provision.load_factory_ca(ca.cert, ca.key)
     for device_id in ("", "-x", "a b", "x" * 65, "ü"):

@@ -56,24 +56,19 @@ class Provision:
 
     def apply(self, disk: Path) -> None:
         """Raises ProvisionError (pitstop.image.errors) as `pitstop image provision` would."""
-        from pitstop.image import partitions, provision, recipe  # noqa: PLC0415 (the builder's imports are heavy)
+        from pitstop.image import provision  # noqa: PLC0415 (the builder's imports are heavy)
 
-        ca = provision.load_factory_ca(self.ca_cert, self.ca_key)
-        hostname = expect = None
-        if self.recipe is not None:
-            r = recipe.load(self.recipe)
-            hostname = recipe.render_hostname(r.system.hostname, self.device_id)
-            expect = partitions.identity_uuid(r.identity, "fs:data")
-        files = provision.identity_files(
+        provision.provision_device(
+            disk,
             self.device_id,
-            ca,
+            provision.load_factory_ca(self.ca_cert, self.ca_key),
             server_url=self.server_url,
             token=self.token,
-            hostname=hostname,
+            recipe_path=self.recipe,
             days=self.days,
             metrics_url=self.metrics_url,
+            replace=self.replace,
         )
-        provision.provision(disk, files, replace=self.replace, expect_fs_uuid=expect)
 
 
 def rig_factory_ca(directory: Path) -> tuple[Path, Path]:

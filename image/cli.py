@@ -189,7 +189,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from pitstop.image import partitions, provision, recipe  # noqa: PLC0415
+    from pitstop.image import provision  # noqa: PLC0415
 
     ca = provision.load_factory_ca(args.ca_cert, args.ca_key)
     try:
@@ -198,23 +198,19 @@ def cmd_provision(args: argparse.Namespace) -> int:
         raise InputError(f"cannot read the token file {args.token_file}: {e}") from None
     if args.days < 1:
         raise UsageError("--days must be at least 1")
-    hostname = expect = None
-    if args.recipe is not None:
-        r = recipe.load(args.recipe)
-        hostname = recipe.render_hostname(r.system.hostname, args.device_id)
-        expect = partitions.identity_uuid(r.identity, "fs:data")
-    files = provision.identity_files(
+    files, hostname = provision.provision_device(
+        args.target,
         args.device_id,
         ca,
         server_url=args.server,
         token=token,
-        hostname=hostname,
+        recipe_path=args.recipe,
         days=args.days,
         metrics_url=args.metrics_url,
+        replace=args.replace,
     )
-    provision.provision(args.target, files, replace=args.replace, expect_fs_uuid=expect)
     named = f" (host name {hostname})" if hostname else ""
-    print(f"provisioned {args.target} as {args.device_id}{named}: {', '.join(sorted(files))}")
+    print(f"provisioned {args.target} as {args.device_id}{named}: {', '.join(files)}")
     return 0
 
 

@@ -222,6 +222,34 @@ def _mode_of(fs: str, path: str) -> int:
     return int(m[1], 8) if m else -1
 
 
+def provision_device(
+    target: Path,
+    device_id: str,
+    ca: FactoryCa,
+    *,
+    server_url: str,
+    token: str,
+    recipe_path: Path | None = None,
+    days: int = 7300,
+    metrics_url: str | None = None,
+    replace: bool = False,
+) -> tuple[list[str], str | None]:
+    """One device's identity onto `target` (`pitstop image provision`); with `recipe_path`, the target must be
+    an image of that recipe and the host name follows its pattern. Returns (files written, host name)."""
+    from pitstop.image import partitions, recipe  # noqa: PLC0415 - recipes only when one is given
+
+    hostname = expect = None
+    if recipe_path is not None:
+        r = recipe.load(recipe_path)
+        hostname = recipe.render_hostname(r.system.hostname, device_id)
+        expect = partitions.identity_uuid(r.identity, "fs:data")
+    files = identity_files(
+        device_id, ca, server_url=server_url, token=token, hostname=hostname, days=days, metrics_url=metrics_url
+    )
+    provision(target, files, replace=replace, expect_fs_uuid=expect)
+    return sorted(files), hostname
+
+
 def provision(
     target: Path, files: Mapping[str, tuple[bytes, int]], *, replace: bool = False, expect_fs_uuid: str | None = None
 ) -> None:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentkit import Units, boot, run, settled_boot
 from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload, run_cli
 from devicekit import TestDevice, make_device
 from serverkit import TENANT, Site, site
-from test_update_agent import Units, boot, run, settled_boot
 
 from pitstop.daemon.config import UpdateConfig
 from pitstop.server import deployments

@@ -6,7 +6,6 @@ each stage. Each "boot" is a fresh core and agent on the same device, continuing
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import os
@@ -14,37 +13,28 @@ import signal
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from agentkit import Boot, Units, boot, run, settled_boot, state_dir
 from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload
 from ddikit import TENANT, HawkbitTarget
 from devicekit import TestDevice, make_device
 from httpkit import FileServer
 
 from pitstop.daemon.config import LoopConfig, UpdateConfig
-from pitstop.daemon.core import DaemonCore, UpdateState
-from pitstop.daemon.ddi import DdiClient, TargetToken
+from pitstop.daemon.core import UpdateState
 from pitstop.daemon.limits import Limits
 from pitstop.daemon.restart_policy import LoopState
 from pitstop.daemon.supervisor import Supervisor
-from pitstop.daemon.update_agent import UpdateAgent, public_source
+from pitstop.daemon.update_agent import public_source
 from pitstop.daemon.update_record import OUTBOX_FILE, RECORD_FILE, Kind, Origin, RecordStore, Stage, UpdateRecord
 from pitstop.ota.bundle_spec import PayloadSpec
 from pitstop.ota.slot_state import Phase
 
 T = TypeVar("T")
 SMALL_CHUNKS = (4096, 16384, 65536)
-
-
-def run(coro: Awaitable[T], timeout: float = 60) -> T:
-    async def main() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(main())
 
 
 @pytest.fixture(scope="module")
@@ -70,61 +60,11 @@ def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-class Units:
-    """systemd as the gate sees it: the ActiveState of each required unit, set by the test."""
-
-    def __init__(self, **states: str) -> None:
-        self.states = states
-        self.asked: list[tuple[str, ...]] = []
-
-    def __call__(self, units: Sequence[str]) -> dict[str, str]:
-        self.asked.append(tuple(units))
-        return {u: self.states.get(u, "inactive") for u in units}
-
-
-@dataclasses.dataclass
-class Boot:
-    """One boot of the device: its core and agent, and the reboots they asked for."""
-
-    core: DaemonCore
-    agent: UpdateAgent
-    reboots: list[str]
-
-
 def update_config(srv: HawkbitTarget | None, **kw: Any) -> UpdateConfig:
     base: dict[str, Any] = {"gate_deadline_s": 10.0, "gate_hold_s": 0.3, "gate_required_units": ("app.service",)}
     if srv is not None:
         base |= {"server": srv.base_url, "tenant": TENANT, "controller_id": srv.device, "token": srv.token}
     return UpdateConfig(**(base | kw))
-
-
-@asynccontextmanager
-async def boot(dev: TestDevice, cfg: UpdateConfig, *, units: Units | None = None,
-               loops: Supervisor | None = None) -> AsyncIterator[Boot]:  # fmt: skip
-    reboots: list[str] = []
-    core = DaemonCore(dev.config(), loops=loops, reboot=lambda: reboots.append("reboot"))
-    client = None
-    if cfg.server is not None:
-        assert cfg.controller_id is not None and cfg.token is not None
-        client = DdiClient(cfg.server, cfg.tenant, cfg.controller_id, auth=TargetToken(cfg.token))
-    names = tuple(loops.names()) if loops is not None else ()
-    agent = UpdateAgent(core, cfg, dev.data / "pitstop" / "daemon", client=client, loops=loops,
-                        enabled_loops=lambda: names, units=units or Units(**{"app.service": "active"}),
-                        gate_interval_s=0.05)  # fmt: skip
-    core.flow = agent
-    await agent.resume()
-    try:
-        yield Boot(core, agent, reboots)
-    finally:
-        await agent.close()
-        agent.shutdown()
-        await core.close()
-        if client is not None:
-            client.close()
-
-
-def state_dir(dev: TestDevice) -> Path:
-    return dev.data / "pitstop" / "daemon"
 
 
 def assign(srv: HawkbitTarget, cdn: FileServer, bundle: Path, action: str = "7", **kw: Any) -> None:
@@ -136,17 +76,6 @@ def first_boot(dev: TestDevice) -> dict[str, str]:
     """A boot with nothing to do (the routine commit records the factory slot); the device's files after it."""
     settled_boot(dev, update_config(None))
     return dev.snapshot()
-
-
-def settled_boot(dev: TestDevice, cfg: UpdateConfig, *, units: Units | None = None) -> Boot:
-    """Boot, let the agent carry on from what is on disk as far as it goes, shut down."""
-
-    async def main() -> Boot:
-        async with boot(dev, cfg, units=units) as b:
-            await b.agent.settled()
-            return b
-
-    return run(main())
 
 
 async def installed_from_server(dev: TestDevice, cfg: UpdateConfig, srv: HawkbitTarget) -> Boot:

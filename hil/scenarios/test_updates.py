@@ -84,7 +84,7 @@ def test_unsigned_wrong_key_and_downgrade_bundles_are_refused_and_reported(
     for bundle, why in (
         (updates.unsigned, "not signed"),
         (updates.wrong_key, "keyring"),
-        (updates.downgrade, "security version"),
+        (updates.downgrade, "downgrade refused"),
     ):
         site.deploy(site.upload(bundle), dev.id)
         dev.check_for_update()

@@ -97,8 +97,8 @@ def _run(argv: list[str]) -> str:
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, str]]:
     """The data directory with the devices, the bundle uploaded and deployed; {device: token}."""
-    from pitstop.server import artifacts, auth, deployments, devices  # noqa: PLC0415
-    from pitstop.server.store import Store  # noqa: PLC0415
+    from pitstop.ota.server import artifacts, auth, deployments, devices  # noqa: PLC0415
+    from pitstop.ota.server.store import Store  # noqa: PLC0415
 
     pitstop = pitstop_command(args.pitstop)
     keys = work / "keys"

@@ -16,10 +16,21 @@ def register(sub: Any) -> None:
         "--system-config", type=Path, help="system configuration (default: $PITSTOP_CONFIG or /etc/pitstop/system.toml)"
     )
     p.add_argument("--bus-address", help="a D-Bus address instead of the configured bus (development, tests)")
+    p.add_argument(
+        "--check", action="store_true", help="check the configuration and its drop-ins, print nothing, exit (0 or 50)"
+    )
     p.set_defaults(handler=handler("pitstop.daemon.cli", "cmd_daemon"))
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    if args.check:
+        # As the daemon would read it at start (drop-ins, identity); `sshd -t` for pitstop. Image builds run it.
+        from pitstop.daemon import config  # noqa: PLC0415
+        from pitstop.ota import system_config  # noqa: PLC0415
+
+        system = system_config.load(args.system_config) if args.system_config is not None else None
+        config.load(args.config or config.DEFAULT_PATH, data_dir=system.data_dir if system else None)
+        return 0
     import asyncio  # noqa: PLC0415 - asyncio and dbus-fast load only for the daemon, not every `pitstop`
 
     from pitstop.daemon import service  # noqa: PLC0415

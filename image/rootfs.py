@@ -32,10 +32,10 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from pitstop.atomic import atomic_write, fsync_dir
+from pitstop.errors import CommandError
 from pitstop.image import ext4, partitions, systemconf
 from pitstop.image.datafs import DATA_LOG_DIR, IDENTITY_DIR, JOURNAL_DIR
 from pitstop.image.errors import ImageBuildError
@@ -69,7 +69,8 @@ VENV = "/opt/pitstop"
 WHEELS_IN_TREE = "/opt/pitstop-wheels"  # inside the tree; removed before the image is made
 SSH_KEYS_DIR = "/data/ssh"
 UNIT_DIR = "etc/systemd/system"
-# The daemon's files, from the same tree as the wheel: vendor locations, so /etc can override them.
+# The daemon's files, from the pitstop installed in the tree (its package data): vendor locations, so that /etc
+# can override them.
 DAEMON_FILES = (
     ("pitstop.service", "/usr/lib/systemd/system/pitstop.service", 0o644),
     ("org.pitstop.Daemon1.conf", "/usr/share/dbus-1/system.d/org.pitstop.Daemon1.conf", 0o644),
@@ -373,8 +374,6 @@ def configure_tree(recipe: Recipe, tree: Path, *, keyring_pem: bytes) -> list[st
     else:
         _write(tree, "/etc/systemd/journald.conf.d/50-pitstop.conf", "[Journal]\nStorage=volatile\n")
     _write(tree, "/etc/tmpfiles.d/pitstop.conf", "".join(f"{t}\n" for t in tmpfiles))
-    for name, dest, mode in DAEMON_FILES:
-        _write(tree, dest, daemon_file(name), mode)
     if recipe.daemon.enable:
         units.append("pitstop.service")
     units += ["systemd-networkd.service"] + (
@@ -430,8 +429,19 @@ def user_commands(recipe: Recipe) -> list[list[str]]:
     return cmds
 
 
-def daemon_file(name: str) -> str:
-    return (resources.files("pitstop.daemon") / "data" / name).read_text()
+def install_daemon_files(tree: Path) -> None:
+    """The unit, bus policy and interface of the pitstop the tree's venv holds, where systemd and D-Bus look."""
+    found = sorted(in_tree(tree, VENV).glob("lib/python3*/site-packages/pitstop/daemon/data"))
+    if len(found) != 1:
+        raise ImageBuildError(f"pitstop's daemon files not found in the image's {VENV} ({len(found)} candidates)")
+    for name, dest, mode in DAEMON_FILES:
+        _write(tree, dest, (found[0] / name).read_text(), mode)
+
+
+def check_daemon_config() -> list[str]:
+    """The image's own pitstop checks the recipe's daemon configuration: an image never boots into a daemon
+    that refuses it (a bad key fails the build, with the daemon's message)."""
+    return [f"{VENV}/bin/pitstop", "daemon", "--check"]
 
 
 def group_commands() -> list[list[str]]:
@@ -572,8 +582,15 @@ def build_system(
     clean_tree(tree)
     units = configure_tree(recipe, tree, keyring_pem=keyring_pem)
     shutil.copytree(wheels, in_tree(tree, WHEELS_IN_TREE))
-    for cmd in [*group_commands(), *user_commands(recipe), *pitstop_commands(), ["systemctl", "enable", *units]]:
+    for cmd in [*group_commands(), *user_commands(recipe), *pitstop_commands()]:
         chroot(tree, cmd, epoch)
+    install_daemon_files(tree)
+    try:
+        chroot(tree, check_daemon_config(), epoch)
+    except CommandError as e:
+        said = e.stderr.strip().splitlines()[-1:] or [e.message]
+        raise ImageBuildError(f"the image's pitstop refuses the recipe's daemon configuration: {said[0]}") from None
+    chroot(tree, ["systemctl", "enable", *units], epoch)
     install_authorized_keys(recipe, tree)
     pkgs = installed_packages(tree)
     shutil.rmtree(in_tree(tree, WHEELS_IN_TREE))

@@ -9,12 +9,12 @@ from collections.abc import Callable, Sequence
 
 from pitstop import __version__
 from pitstop.daemon import cli as daemon_cli
+from pitstop.daemon import device_cli
 from pitstop.errors import InputError, PitstopError
 from pitstop.image import cli as image_cli
 from pitstop.inference import cli as inference_cli
 from pitstop.ota import cli as ota_cli
-from pitstop.ota import device_cli
-from pitstop.server import cli as server_cli
+from pitstop.ota.server import cli as server_cli
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -26,10 +26,10 @@ from types import TracebackType
 from typing import Any
 
 from pitstop.daemon.ddi import DdiClient, GatewayToken, TargetToken
-from pitstop.server import artifacts, auth, deployments, devices
-from pitstop.server.records import Distribution, Rollout
-from pitstop.server.serve import ServeOptions, Server
-from pitstop.server.store import Store, set_meta
+from pitstop.ota.server import artifacts, auth, deployments, devices
+from pitstop.ota.server.records import Distribution, Rollout
+from pitstop.ota.server.serve import ServeOptions, Server
+from pitstop.ota.server.store import Store, set_meta
 
 TENANT = "DEFAULT"
 

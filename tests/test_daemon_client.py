@@ -578,7 +578,7 @@ def test_error_mapping(name: str, cls_name: str, code: int) -> None:
 
 def test_status_text_with_loops_and_progress(capsys: Any) -> None:
     """What a daemon with loops shows mid-install, to a user who cannot read the state files."""
-    from pitstop.ota.device_cli import _print_status, status_json
+    from pitstop.daemon.device_cli import _print_status, status_json
 
     st = client.DaemonState(
         version="0.1.0", compatible="x", booted="a", primary="a", phase="none",

@@ -463,6 +463,23 @@ def test_provisioned_metrics_endpoint_gets_the_devices_token(tmp_path: Path, dat
         load(tmp_path / "pitstop.toml", data_dir)
 
 
+def test_check_flag_reads_what_the_daemon_would_and_starts_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pitstop daemon --check`: what image builds run in the new rootfs on the recipe's configuration."""
+    from pitstop.cli import main
+
+    path = write(tmp_path / "pitstop.toml", '[update]\nreboot = "manual"\n')
+    write(tmp_path / "pitstop.toml.d" / "50-site.toml", "[health]\ninterval_s = 5\n")
+    assert main(["daemon", "--check", "--config", str(path)]) == 0
+    assert capsys.readouterr().out == ""
+    write(tmp_path / "pitstop.toml.d" / "60-bad.toml", '[update]\nreboot = "sometimes"\n')
+    assert main(["daemon", "--check", "--config", str(path)]) == 50
+    err = capsys.readouterr().err
+    assert err.startswith(f"pitstop: error: {tmp_path / 'pitstop.toml.d' / '60-bad.toml'}") and "update.reboot" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_identity_certificate_only_as_a_pair(tmp_path: Path, data_dir: Path) -> None:
     ident = provision(data_dir)
     (ident / "device.key").unlink()

@@ -445,6 +445,21 @@ def test_base_stage_key_covers_what_changes_the_base(tmp_path: Path) -> None:
     assert rootfs.base_key(r, SDE + 1, "1.3.5") != key and rootfs.base_key(r, SDE, "1.3.6") != key
 
 
+def test_daemon_files_come_from_the_pitstop_installed_in_the_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    with pytest.raises(ImageBuildError, match="daemon files not found"):
+        rootfs.install_daemon_files(tree)
+    data = tree / "opt/pitstop/lib/python3.11/site-packages/pitstop/daemon/data"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "daemon" / "data", data)
+    rootfs.install_daemon_files(tree)
+    unit = (tree / "usr/lib/systemd/system/pitstop.service").read_text()
+    assert "Type=notify" in unit and "ExecStart=/opt/pitstop/bin/pitstop daemon" in unit
+    policy = (tree / "usr/share/dbus-1/system.d/org.pitstop.Daemon1.conf").read_text()
+    assert '<policy group="pitstop">' in policy
+    assert (tree / "usr/share/dbus-1/interfaces/org.pitstop.Daemon1.xml").read_text().startswith("<")
+    assert rootfs.check_daemon_config() == ["/opt/pitstop/bin/pitstop", "daemon", "--check"]
+
+
 def test_configure_tree_writes_the_recipes_files(tmp_path: Path) -> None:
     text = RECIPE.replace(
         'match = "en*"',
@@ -465,12 +480,7 @@ def test_configure_tree_writes_the_recipes_files(tmp_path: Path) -> None:
     assert cfg.compatible == "pitstop-test-image" and cfg.bootloader.tries == 3
     assert (tree / "etc/pitstop/keyring.pem").read_bytes() == (tmp_path / "recipe" / "keyring.pem").read_bytes()
     assert (tree / "etc/pitstop/pitstop.toml").read_text() == "[update]\npoll_default_s = 60\n"
-    unit = (tree / "usr/lib/systemd/system/pitstop.service").read_text()
-    assert "Type=notify" in unit and "ExecStart=/opt/pitstop/bin/pitstop daemon" in unit
-    policy = (tree / "usr/share/dbus-1/system.d/org.pitstop.Daemon1.conf").read_text()
-    assert '<policy group="pitstop">' in policy
-    assert (tree / "usr/share/dbus-1/interfaces/org.pitstop.Daemon1.xml").read_text().startswith("<")
-    # The group the policy names exists before the recipe's users, who may be in it.
+    # The group the daemon's bus policy names exists before the recipe's users, who may be in it.
     cmds = [*rootfs.group_commands(), *rootfs.user_commands(r)]
     assert cmds[0] == ["groupadd", "--system", "pitstop"]
     fstab = (tree / "etc/fstab").read_text()

@@ -16,8 +16,8 @@ from devicekit import TestDevice, make_device
 from serverkit import TENANT, Site, site
 
 from pitstop.daemon.config import UpdateConfig
-from pitstop.server import deployments
-from pitstop.server.records import ActionStatus, RolloutStatus
+from pitstop.ota.server import deployments
+from pitstop.ota.server.records import ActionStatus, RolloutStatus
 
 DEVICE = "dev-0001"
 

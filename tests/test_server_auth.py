@@ -16,9 +16,9 @@ from serverkit import TENANT, Site, site
 
 from pitstop.daemon.ddi import DdiClient, DdiStatusError
 from pitstop.daemon.errors import UpstreamError
-from pitstop.server import auth
-from pitstop.server.auth import Outcome
-from pitstop.server.errors import ServerConfigError
+from pitstop.ota.server import auth
+from pitstop.ota.server.auth import Outcome
+from pitstop.ota.server.errors import ServerConfigError
 
 
 @pytest.fixture

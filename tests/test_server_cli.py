@@ -17,8 +17,8 @@ import requests
 from bundlekit import Keys, assert_refused, make_bundle, mixed_data, rootfs_payload, run_cli
 from serverkit import ServerProcess
 
-from pitstop.server import auth
-from pitstop.server.store import Store
+from pitstop.ota.server import auth
+from pitstop.ota.server.store import Store
 
 
 @pytest.fixture(scope="module")

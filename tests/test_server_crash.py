@@ -19,9 +19,9 @@ import requests
 from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload
 from serverkit import ServerProcess
 
-from pitstop.server import artifacts, auth, consistency, deployments, devices
-from pitstop.server.records import RolloutStatus
-from pitstop.server.store import Store
+from pitstop.ota.server import artifacts, auth, consistency, deployments, devices
+from pitstop.ota.server.records import RolloutStatus
+from pitstop.ota.server.store import Store
 
 TENANT = "DEFAULT"
 

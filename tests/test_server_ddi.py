@@ -20,8 +20,8 @@ from serverkit import TENANT, CuttingProxy, Site, site
 from pitstop.daemon.ddi import DdiClient, DdiStatusError
 from pitstop.daemon.ddi_model import ConfigMode, Execution, Finished, Handling, MaintenanceWindow, bundle_artifact
 from pitstop.ota.http_source import HttpSource
-from pitstop.server import deployments
-from pitstop.server.records import ActionStatus, RolloutStatus
+from pitstop.ota.server import deployments
+from pitstop.ota.server.records import ActionStatus, RolloutStatus
 
 SMALL_CHUNKS = (4096, 16384, 65536)
 

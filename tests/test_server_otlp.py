@@ -24,7 +24,7 @@ from pitstop.daemon.health import HealthSample, HealthSampler, Metric, slot_metr
 from pitstop.daemon.otlp import SEQ_ATTR, SPOOL_ATTR, encode, resource_attributes
 from pitstop.daemon.reporter import Reporter
 from pitstop.daemon.spool import Spool
-from pitstop.server import devices
+from pitstop.ota.server import devices
 
 PROTO = {"Content-Type": "application/x-protobuf"}
 

@@ -10,10 +10,10 @@ import random
 
 import pytest
 
-from pitstop.server import ranges
-from pitstop.server import rollout as w
-from pitstop.server.errors import DeployError
-from pitstop.server.window import Window
+from pitstop.ota.server import ranges
+from pitstop.ota.server import rollout as w
+from pitstop.ota.server.errors import DeployError
+from pitstop.ota.server.window import Window
 
 MAX_FAILURES = (0.0, 0.1, 0.2, 0.25, 1 / 3, 0.5, 0.99, 1.0)
 ADVANCE_AT = (0.5, 0.8, 1.0)

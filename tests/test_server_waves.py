@@ -13,8 +13,8 @@ from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload, run_cli
 from serverkit import Site, site
 
 from pitstop.daemon.ddi_model import Execution, Finished
-from pitstop.server import deployments
-from pitstop.server.records import ActionStatus, RolloutStatus
+from pitstop.ota.server import deployments
+from pitstop.ota.server.records import ActionStatus, RolloutStatus
 
 
 @pytest.fixture(scope="module")

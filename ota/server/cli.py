@@ -9,7 +9,7 @@ from typing import Any
 
 from pitstop.lazy import handler
 
-_COMMANDS = "pitstop.server.commands"
+_COMMANDS = "pitstop.ota.server.commands"
 DATA_ENV = "PITSTOP_SERVER_DATA"
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from pitstop.atomic import atomic_write
-from pitstop.server import artifacts, deployments
-from pitstop.server.app import App
-from pitstop.server.ddi_api import DdiSettings
-from pitstop.server.errors import ServerConfigError, ServerError
-from pitstop.server.http import HttpServer, parse_listen, tls_context
-from pitstop.server.store import Store
+from pitstop.ota.server import artifacts, deployments
+from pitstop.ota.server.app import App
+from pitstop.ota.server.ddi_api import DdiSettings
+from pitstop.ota.server.errors import ServerConfigError, ServerError
+from pitstop.ota.server.http import HttpServer, parse_listen, tls_context
+from pitstop.ota.server.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from pitstop.errors import UsageError
-from pitstop.server.errors import ConflictError, UnknownDeviceError
-from pitstop.server.records import Device
+from pitstop.ota.server.errors import ConflictError, UnknownDeviceError
+from pitstop.ota.server.records import Device
 
 # The daemon's own rule for a device id (daemon/config.py): it names the device in URLs and file names.
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

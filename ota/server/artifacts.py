@@ -29,10 +29,10 @@ from pitstop import crashpoint
 from pitstop.atomic import fsync_dir
 from pitstop.errors import InputError
 from pitstop.ota.errors import BundleError
-from pitstop.server import deployments
-from pitstop.server.errors import UploadError
-from pitstop.server.records import Distribution
-from pitstop.server.store import Store
+from pitstop.ota.server import deployments
+from pitstop.ota.server.errors import UploadError
+from pitstop.ota.server.records import Distribution
+from pitstop.ota.server.store import Store
 
 log = logging.getLogger(__name__)
 

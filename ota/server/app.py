@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import urllib.parse
 
-from pitstop.server import ddi_api, devices, otlp_ingest
-from pitstop.server.ddi_api import DdiApi, DdiSettings
-from pitstop.server.http import Request, Response
-from pitstop.server.otlp_ingest import OtlpIngest
-from pitstop.server.store import Store
+from pitstop.ota.server import ddi_api, devices, otlp_ingest
+from pitstop.ota.server.ddi_api import DdiApi, DdiSettings
+from pitstop.ota.server.http import Request, Response
+from pitstop.ota.server.otlp_ingest import OtlpIngest
+from pitstop.ota.server.store import Store
 
 
 class App:

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pitstop.server.errors import StoreError
+from pitstop.ota.server.errors import StoreError
 
 log = logging.getLogger(__name__)
 

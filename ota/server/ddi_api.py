@@ -30,13 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pitstop.server import artifacts, auth, deployments, devices, ranges
-from pitstop.server.deployments import Feedback, FeedbackResult
-from pitstop.server.errors import ConflictError, StoreError
-from pitstop.server.http import FilePart, Request, Response
-from pitstop.server.records import Action, ActionStatus, Distribution
-from pitstop.server.store import Store
-from pitstop.server.window import Window
+from pitstop.ota.server import artifacts, auth, deployments, devices, ranges
+from pitstop.ota.server.deployments import Feedback, FeedbackResult
+from pitstop.ota.server.errors import ConflictError, StoreError
+from pitstop.ota.server.http import FilePart, Request, Response
+from pitstop.ota.server.records import Action, ActionStatus, Distribution
+from pitstop.ota.server.store import Store
+from pitstop.ota.server.window import Window
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pitstop.server.errors import DeployError
+from pitstop.ota.server.errors import DeployError
 
 _EPS = 1e-9
 

@@ -21,14 +21,13 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pitstop.daemon.health import AttrValue
-from pitstop.daemon.otlp import attributes
-from pitstop.server import auth, devices
-from pitstop.server.errors import StoreError
-from pitstop.server.http import Request, Response
-from pitstop.server.store import Store
+from pitstop.ota.server import auth, devices
+from pitstop.ota.server.errors import StoreError
+from pitstop.ota.server.http import Request, Response
+from pitstop.ota.server.store import Store
 
 if TYPE_CHECKING:
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue
     from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,26 @@ MAX_BODY = 8 << 20  # decompressed too
 PROTOBUF = ("application/x-protobuf", "application/protobuf")
 SEQ_ATTR = "pitstop.report.seq"
 SPOOL_ATTR = "pitstop.spool.id"
+
+AttrValue = str | bool | int | float
+
+
+def _attrs(kvs: Any) -> dict[str, AttrValue]:
+    # The daemon's own decoder (daemon/otlp.py) is out of reach: ota imports nothing of the other areas.
+    out: dict[str, AttrValue] = {}
+    kv: KeyValue
+    for kv in kvs:
+        v = kv.value
+        which = v.WhichOneof("value")
+        if which == "string_value":
+            out[kv.key] = v.string_value
+        elif which == "bool_value":
+            out[kv.key] = v.bool_value
+        elif which == "int_value":
+            out[kv.key] = v.int_value
+        elif which == "double_value":
+            out[kv.key] = v.double_value
+    return out
 
 
 @dataclass(frozen=True)
@@ -76,15 +95,15 @@ def _latest_points(rm: ResourceMetrics) -> tuple[list[Point], int, int]:
             for p in pts:
                 if p.time_unix_nano == t:
                     value = float(p.as_int) if p.WhichOneof("value") == "as_int" else p.as_double
-                    out.append(Point(m.name, value, attributes(p.attributes)))
+                    out.append(Point(m.name, value, _attrs(p.attributes)))
     return out, newest, total
 
 
 def summarize(rm: ResourceMetrics) -> Report:
-    resource = attributes(rm.resource.attributes)
+    resource = _attrs(rm.resource.attributes)
     scope: dict[str, AttrValue] = {}
     for sm in rm.scope_metrics:
-        scope.update(attributes(sm.scope.attributes))
+        scope.update(_attrs(sm.scope.attributes))
     points, newest, total = _latest_points(rm)
     s: dict[str, Any] = {}
 

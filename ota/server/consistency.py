@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sqlite3
 
-from pitstop.server import artifacts
-from pitstop.server import rollout as waves
-from pitstop.server.deployments import list_rollouts, wave_counts
-from pitstop.server.records import FINAL_STATUSES, ActionStatus, RolloutStatus
-from pitstop.server.store import Store
+from pitstop.ota.server import artifacts
+from pitstop.ota.server import rollout as waves
+from pitstop.ota.server.deployments import list_rollouts, wave_counts
+from pitstop.ota.server.records import FINAL_STATUSES, ActionStatus, RolloutStatus
+from pitstop.ota.server.store import Store
 
 
 def database_problems(conn: sqlite3.Connection) -> list[str]:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pitstop.server import rollout as waves
-from pitstop.server.errors import ConflictError, DeployError, NotFoundError
-from pitstop.server.records import (
+from pitstop.ota.server import rollout as waves
+from pitstop.ota.server.errors import ConflictError, DeployError, NotFoundError
+from pitstop.ota.server.records import (
     FINAL_STATUSES,
     Action,
     ActionStatus,

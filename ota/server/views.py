@@ -6,8 +6,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
+from pitstop.ota.server.records import Action, Device, Distribution, Rollout, StatusEntry
 from pitstop.progress import human_size
-from pitstop.server.records import Action, Device, Distribution, Rollout, StatusEntry
 
 
 def ago(t: float | None, now: float) -> str:

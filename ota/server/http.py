@@ -6,7 +6,7 @@ closed), request bodies only with a Content-Length and at most the application's
 before a byte of it is read), the TLS handshake in the connection's own thread (a slow client never holds up
 the others) with an optional client CA for mutual TLS, one `sendall` per small answer (no Nagle stalls) and
 `sendfile` for artifacts. `shutdown` stops accepting, closes idle connections, lets requests under way finish
-(up to a deadline) and returns. Every request is logged on the `pitstop.server.access` logger at INFO.
+(up to a deadline) and returns. Every request is logged on the `pitstop.ota.server.access` logger at INFO.
 
 The application sees a `Request` and returns a `Response` (app.py); it never touches a socket.
 """
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from pitstop import __version__
-from pitstop.server.errors import ServerConfigError, ServerError
+from pitstop.ota.server.errors import ServerConfigError, ServerError
 
 log = logging.getLogger(__name__)
-access = logging.getLogger("pitstop.server.access")
+access = logging.getLogger("pitstop.ota.server.access")
 
 SERVER = f"pitstop/{__version__}"
 HANDSHAKE_TIMEOUT_S = 10.0

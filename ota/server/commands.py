@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from pitstop.errors import InputError, UsageError
+from pitstop.ota.server import auth, deployments, devices, views
+from pitstop.ota.server import rollout as waves
+from pitstop.ota.server.errors import DeployError, StoreError
+from pitstop.ota.server.records import Distribution
+from pitstop.ota.server.store import Store, set_meta
+from pitstop.ota.server.window import Window
 from pitstop.progress import Progress, human_size
-from pitstop.server import auth, deployments, devices, views
-from pitstop.server import rollout as waves
-from pitstop.server.errors import DeployError, StoreError
-from pitstop.server.records import Distribution
-from pitstop.server.store import Store, set_meta
-from pitstop.server.window import Window
 
 
 def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
@@ -32,7 +32,7 @@ def _note(text: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pitstop.server.serve import ServeOptions, serve  # noqa: PLC0415
+    from pitstop.ota.server.serve import ServeOptions, serve  # noqa: PLC0415
 
     return serve(
         ServeOptions(
@@ -190,7 +190,7 @@ def cmd_gateway_token(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace, store: Store, bundle: Path) -> Distribution:
-    from pitstop.server import artifacts  # noqa: PLC0415 - the bundle and X.509 code load only for uploads
+    from pitstop.ota.server import artifacts  # noqa: PLC0415 - the bundle and X.509 code load only for uploads
 
     keyring = args.keyring or (store.keyring_path if store.keyring_path.exists() else None)
     try:
@@ -440,7 +440,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pitstop.server import consistency  # noqa: PLC0415
+    from pitstop.ota.server import consistency  # noqa: PLC0415
 
     with _store(args) as store:
         found = consistency.problems(store, deep=args.deep)

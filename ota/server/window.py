@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pitstop.server.errors import DeployError
+from pitstop.ota.server.errors import DeployError
 
 _SPAN = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)(?:@(.+))?")
 

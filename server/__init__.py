@@ -1,1 +1,0 @@
-"""pitstop.server: the site/dev update server (hawkBit DDI subset, OTLP ingest, SQLite)."""

@@ -255,8 +255,8 @@ def _symlink(tree: Path, path: str, target: str) -> None:
 # local-fs.target, so the journal, /var/log and every service find them (notes/qemu-ab-image.md, pitfall 4).
 FSTAB = f"""\
 # pitstop: the root filesystem is a read-only slot; what changes lives on data or in tmpfs (docs/image.md).
-PARTLABEL=data  {systemconf.DATA_DIR}  ext4  defaults,noatime,x-systemd.growfs,x-systemd.device-timeout=30s  0  2
-PARTLABEL=esp   {systemconf.ESP_MOUNT}  vfat  umask=0077,sync,x-systemd.device-timeout=30s  0  2
+PARTLABEL=data  {systemconf.DATA_DIR}  ext4  defaults,noatime,x-systemd.growfs,x-systemd.device-timeout=90s  0  2
+PARTLABEL=esp   {systemconf.ESP_MOUNT}  vfat  umask=0077,sync,x-systemd.device-timeout=90s  0  2
 tmpfs  /tmp      tmpfs  mode=1777,nosuid,nodev  0  0
 tmpfs  /var/tmp  tmpfs  mode=1777,nosuid,nodev  0  0
 """

@@ -12,11 +12,15 @@ Usage:  python -m pitstop.hil.story [--image out/image/ipc-x86_64.img] [--work o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pitstop.errors import PitstopError
+from pitstop.hil.errors import ConsoleTimeout
 from pitstop.hil.plugin import image_beside
 from pitstop.hil.qemu_target import QemuConfig, QemuTarget
 from pitstop.hil.site import BundleMaker, SiteServer
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 def story(image: Path, work: Path, kvm: bool | None) -> int:
     img = image_beside(image)
     work.mkdir(parents=True, exist_ok=True)
+    # A story starts from a new server and a new device (the bundle made last time is kept).
+    shutil.rmtree(work / "site", ignore_errors=True)
+    shutil.rmtree(work / "device", ignore_errors=True)
     say(f"update bundle: {img.disk.name}'s rootfs as the next version (signed with the image's keys)")
     maker = BundleMaker(img, work / "bundles")
     bundle, version = maker.good(), maker.version(1)
@@ -69,8 +76,7 @@ def story(image: Path, work: Path, kvm: bool | None) -> int:
             t0 = time.monotonic()
             a = dut.wait_ready("a", 900)
             say(f"slot a up and committed ({time.monotonic() - t0:.0f} s); the daemon polls the server")
-            watch(site, "running", 600)
-            b = dut.console.wait_for(r"pitstop-grub: booting slot b\b", 1800, start=a.index)
+            b = watch(site, "running", 1800, until_console=(dut, a.index))
             say("installed into slot b; the daemon rebooted into it; its health gate runs")
             ready = dut.wait_ready("b", 900, start=b.index)
             say(f"slot b committed, {ready.t - b.t:.0f} s after GRUB booted it")
@@ -84,8 +90,10 @@ def story(image: Path, work: Path, kvm: bool | None) -> int:
     return 0
 
 
-def watch(site: SiteServer, until: str, timeout: float) -> dict[str, object]:
-    """Print the device's deployment as it changes, until its status is `until` (or a final other one)."""
+def watch(site: SiteServer, until: str, timeout: float, *, until_console: tuple[QemuTarget, int] | None = None) -> Any:
+    """Print the device's deployment as the server sees it (status, stage, download progress) as it changes,
+    until its status is `until`; or, with `until_console`, until GRUB boots slot b on that device's console
+    (returns the console's hit then)."""
     end = time.monotonic() + timeout
     last = ""
     while time.monotonic() < end:
@@ -96,11 +104,16 @@ def watch(site: SiteServer, until: str, timeout: float) -> dict[str, object]:
             if line != last:
                 say(f"  server: action {a['action']}: {line}")
                 last = line
-            if a["status"] == until:
-                return a
             if a["status"] in ("failure", "canceled"):
                 raise AssertionError(f"the update ended {a['status']}: {SiteServer.details(a)}")
-        time.sleep(2)
+            if until_console is None and a["status"] == until:
+                return a
+        if until_console is None:
+            time.sleep(2)
+            continue
+        dut, start = until_console
+        with contextlib.suppress(ConsoleTimeout):
+            return dut.console.wait_for(r"pitstop-grub: booting slot b\b", 3, start=start)
     raise AssertionError(f"no {until} within {timeout:.0f} s")
 
 

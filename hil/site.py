@@ -147,7 +147,7 @@ class Updates:
     unsigned: Path
     wrong_key: Path  # signed by a key the device's keyring does not know
     downgrade: Path  # signed well, a security version below the one the device committed
-    keys: Path  # where they were made (the foreign key among them)
+    work: Path  # where they were made (with the foreign key and the no-init rootfs)
 
 
 def rootfs_of(image_manifest: dict[str, Any], disk: Path) -> Path:
@@ -236,7 +236,7 @@ def make_updates(rig_image: RigImage, work: Path) -> Updates:
         unsigned=b.make("unsigned.pitb", b.version(2, 0), sv + 1, broken, None),
         wrong_key=b.make("wrong-key.pitb", b.version(2, 1), sv + 1, broken, b.foreign_signer()),
         downgrade=b.make("downgrade.pitb", b.version(2, 2), sv - 1, broken, b.signer),
-        keys=b.work,
+        work=b.work,
     )
 
 

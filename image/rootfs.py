@@ -303,6 +303,84 @@ WantedBy=ssh.service
 """
 
 
+# Emergency and rescue mode (recipe boot.emergency_reboot_s). A slot whose kernel boots but whose userspace fails
+# early (a required mount, a unit isolating emergency.target) lands in emergency.service, whose sulogin cannot
+# let anyone in (root is locked) and waits for Enter forever: nobody is at an edge device's console, the slot never
+# reboots and its boot counter never falls back. Vendor drop-ins (an /etc drop-in of the same name, e.g. from the
+# overlay, replaces them) run EMERGENCY_SCRIPT instead: one line on the console, a pause, a reboot.
+EMERGENCY_UNITS = ("emergency", "rescue")
+EMERGENCY_SCRIPT = "/usr/lib/pitstop/emergency-reboot"
+EMERGENCY_DROPIN = "50-pitstop-reboot.conf"
+# Run by the drop-ins as `emergency-reboot MODE SECONDS`, with systemd's PATH. Why each step:
+# - the failed units come from PID 1 over its private socket (neither dbus-daemon nor logind runs in emergency
+#   mode), within 5 s, so a wedged manager delays the reboot by no more than that;
+# - `systemctl --force reboot` asks PID 1 to reboot without stopping units one by one (they are in no state to stop
+#   cleanly: a mount job may still be waiting for its device), yet it still kills every process and unmounts or
+#   remounts read-only every filesystem before rebooting; plain `reboot` would queue a clean shutdown behind them;
+# - if PID 1 cannot be asked, or took the request and a minute later this script still runs (it is killed on the
+#   way down), `reboot -f` syncs and calls reboot(2) itself.
+EMERGENCY_SCRIPT_TEXT = """\
+#!/bin/sh
+# pitstop: run by emergency.service and rescue.service instead of a login shell nobody can use (root is locked,
+# nobody is at the console): say why on the console, wait, reboot, so that the boot counter of a failing slot
+# falls back to the other slot once its tries are spent. Usage: emergency-reboot MODE SECONDS (docs/image.md).
+set -u -f
+mode=${1:-emergency}
+delay=${2:-30}
+n=0
+shown=
+failed=$(timeout 5 systemctl list-units --state=failed --plain --no-legend --no-pager 2>/dev/null | awk '{print $1}')
+for unit in $failed; do
+    n=$((n + 1))
+    if [ "$n" -le 3 ]; then shown="$shown $unit"; fi
+done
+if [ "$n" -eq 0 ]; then
+    reason="no unit failed"
+elif [ "$n" -le 3 ]; then
+    reason="failed:$shown"
+else
+    reason="failed:$shown and $((n - 3)) more"
+fi
+echo "pitstop: $mode mode ($reason); rebooting in $delay s: a slot on trial falls back once its tries are spent"
+sleep "$delay"
+if systemctl --force reboot; then
+    sleep 60
+fi
+echo "pitstop: systemd did not reboot; reboot -f"
+reboot -f
+"""
+
+
+def emergency_dropin(unit: str, delay_s: int) -> str:
+    """The drop-in of `unit` (emergency or rescue): ExecStart reset, then the script. The unit's
+    StandardInput=tty-force is reset: the script reads nothing, so it neither takes the console over nor becomes
+    its controlling process; output still goes to the console (TTYPath=, written to only), as the unit's
+    StandardOutput=inherit sent it."""
+    return (
+        f"# pitstop (recipe boot.emergency_reboot_s = {delay_s}): instead of a login shell nobody can use, say why\n"
+        f"# on the console, wait {delay_s} s and reboot (docs/image.md). An /etc/systemd/system/{unit}.service.d/\n"
+        f"# {EMERGENCY_DROPIN} replaces this file.\n"
+        "[Service]\n"
+        "ExecStart=\n"
+        f"ExecStart=-{EMERGENCY_SCRIPT} {unit} {delay_s}\n"
+        "StandardInput=null\n"
+        "StandardOutput=tty\n"
+        "TTYPath=/dev/console\n"
+    )
+
+
+def emergency_files(recipe: Recipe) -> dict[str, tuple[str, int]]:
+    """Path in the tree -> (content, mode) of the emergency reboot: the script and one drop-in per unit; nothing
+    when `boot.emergency_reboot_s` is 0 (systemd's own shell stays). The content depends only on the recipe."""
+    delay = recipe.boot.emergency_reboot_s
+    if delay == 0:
+        return {}
+    out = {EMERGENCY_SCRIPT: (EMERGENCY_SCRIPT_TEXT, 0o755)}
+    for unit in EMERGENCY_UNITS:
+        out[f"/usr/lib/systemd/system/{unit}.service.d/{EMERGENCY_DROPIN}"] = (emergency_dropin(unit, delay), 0o644)
+    return out
+
+
 def sshd_config(recipe: Recipe) -> str:
     s = recipe.ssh
     lines = [
@@ -340,6 +418,8 @@ def configure_tree(recipe: Recipe, tree: Path, *, keyring_pem: bytes) -> list[st
     if recipe.daemon.config is not None:
         _write(tree, "/etc/pitstop/pitstop.toml", recipe.daemon.config.read_text())
     _write(tree, "/etc/fstab", FSTAB)
+    for path, (text, mode) in emergency_files(recipe).items():
+        _write(tree, path, text, mode)
     _write(tree, *REPART_DATA)
     for d in (systemconf.DATA_DIR, systemconf.ESP_MOUNT):
         (tree / d.lstrip("/")).mkdir(parents=True, exist_ok=True)

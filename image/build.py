@@ -10,6 +10,7 @@ under a final name. The manifest is written last: its presence says the build co
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from pitstop.image import disk, recipe, rootfs, sparse
 from pitstop.image.datafs import file_sha256
 from pitstop.image.errors import ImageBuildError
 from pitstop.image.progress import Stages
-from pitstop.image.recipe import Recipe
+from pitstop.image.recipe import Model, Recipe
 from pitstop.ota import devkeys
 from pitstop.ota.bundle_reader import Policy, open_verified, verify_payloads
 from pitstop.ota.bundle_spec import BundleSpec, PayloadSpec
@@ -72,6 +73,7 @@ class Request:
     signer: Signer | None = None  # None: the recipe's development keys
     refresh: bool = False  # rebuild the base even if cached
     extra_overlay: Path | None = None  # applied after the recipe's overlay
+    extra_models: tuple[Model, ...] = ()  # preloaded after the recipe's own (the HIL rig's)
     bundle: bool = True
 
 
@@ -182,6 +184,8 @@ def build(req: Request, stages: Stages) -> Result:
     r = recipe.load(req.recipe)  # validated before anything is built
     if req.extra_overlay is not None and not req.extra_overlay.is_dir():
         raise UsageError(f"--extra-overlay {req.extra_overlay} is not a directory")
+    if req.extra_models:
+        r = with_models(r, req.extra_models)
     if os.geteuid() != 0:
         raise ImageBuildError("building an image needs root (mmdebstrap --mode=root, chroot)")
     keys = resolve_keys(r, req)
@@ -236,6 +240,16 @@ def build(req: Request, stages: Stages) -> Result:
     )
     atomic_write(outs.manifest, (json.dumps(result.manifest, indent=2, sort_keys=True) + "\n").encode())
     return result
+
+
+def with_models(r: Recipe, extra: tuple[Model, ...]) -> Recipe:
+    """`r` preloading `extra` too; a target that another model's overlaps is refused, as in a recipe."""
+    for m in extra:
+        clash = recipe.overlapping_target(m.target, [o.target for o in r.model])
+        if clash is not None:
+            raise UsageError(f"extra model {m.name}: its target {m.target!r} overlaps the target {clash!r}")
+        r = dataclasses.replace(r, model=(*r.model, m))
+    return r
 
 
 def python_packages(wheels: Path) -> list[dict[str, str]]:

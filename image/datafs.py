@@ -44,6 +44,7 @@ class Preload:
     name: str
     source: Path
     target: str
+    description: dict[str, Any] | None = None  # the model description, as a bundle's model payload carries it
 
 
 def file_sha256(path: Path) -> str:
@@ -86,7 +87,7 @@ def build_tree(
             while chunk := src.read(1 << 20):
                 out.write(chunk)
         # The same description an install writes beside an extracted model (ota/bundle_extract.py).
-        desc = {"name": m.name, "file": m.source.name, "sha256": sha, "description": {}}
+        desc = {"name": m.name, "file": m.source.name, "sha256": sha, "description": m.description or {}}
         (vdir / MODEL_DESCRIPTION_FILE).write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")
         store.switch(m.target, version)
         payloads[m.target] = Versions(current=version)

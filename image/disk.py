@@ -147,7 +147,7 @@ def build_data(
             security_version=recipe.bundle.security_version,
             created=datetime.fromtimestamp(epoch, UTC),
             persistent_journal=recipe.system.persistent_journal,
-            models=[datafs.Preload(m.name, m.source, m.target) for m in recipe.model],
+            models=[datafs.Preload(m.name, m.source, m.target, m.description()) for m in recipe.model],
             slot_a_bundle=slot_a_bundle,
         )
         image = ext4.make_ext4(

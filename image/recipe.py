@@ -92,6 +92,7 @@ class Partitions:
 class Boot:
     cmdline: str
     tries: int
+    emergency_reboot_s: int  # 0: systemd's own emergency shell
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,16 @@ class Model:
     name: str
     source: Path
     target: str
+    description_file: Path | None = None  # the model description (TOML), stored in its model.json
+
+    def description(self) -> dict[str, Any] | None:
+        """The description file's content (checked as TOML when the recipe was read)."""
+        if self.description_file is None:
+            return None
+        try:
+            return tomllib.loads(self.description_file.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise RecipeError(f"model {self.name}: description_file {self.description_file}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,7 @@ class Recipe:
         """Every file or directory the recipe names (for cache keys and build manifests)."""
         out: list[Path] = [k for u in self.user for k in u.ssh_keys]
         out += [m.source for m in self.model]
+        out += [m.description_file for m in self.model if m.description_file is not None]
         out += [p for p in (self.files.overlay, self.daemon.config) if p is not None]
         if isinstance(self.keys.keyring, Path):
             out.append(self.keys.keyring)
@@ -467,10 +479,15 @@ def _check_recipe(r: Recipe) -> Problems:
             seen.add(v)
     targets = [m.target for m in r.model]
     for n, t in enumerate(targets, start=1):
-        clash = [o for o in targets[: n - 1] if o == t or o.startswith(t + "/") or t.startswith(o + "/")]
-        if clash:
-            problems.append((f"model[{n}].target", f"{t!r} overlaps the target {clash[0]!r} of another model"))
+        clash = overlapping_target(t, targets[: n - 1])
+        if clash is not None:
+            problems.append((f"model[{n}].target", f"{t!r} overlaps the target {clash!r} of another model"))
     return problems[:1]
+
+
+def overlapping_target(target: str, others: list[str]) -> str | None:
+    """The first of `others` that is `target`, lies inside it or contains it: two models cannot share a path."""
+    return next((o for o in others if o == target or o.startswith(target + "/") or target.startswith(o + "/")), None)
 
 
 def _model_finish(m: Model) -> Model:
@@ -614,6 +631,15 @@ BOOT = Table(
             Integer(1, MAX_TRIES),
             "Boot attempts a newly installed slot gets before GRUB falls back (system.toml `[bootloader] tries`).",
             3,
+        ),
+        Setting(
+            "emergency_reboot_s",
+            Integer(0, 600),
+            "Seconds a device in systemd's emergency or rescue mode (a required mount failed, a unit isolated "
+            "`emergency.target`) shows why on the console before it reboots, so that a failing slot spends its "
+            "tries and GRUB falls back; systemd's own shell there waits forever for a root password that a locked "
+            "root never accepts. `0`: keep that shell (a device whose console someone can log in on).",
+            30,
         ),
     ),
     "Booting.",
@@ -823,6 +849,14 @@ MODEL = Table(
             "Where it lives under the data partition, as a model payload with this target would put it.",
             "",
             "`models/<name>`",
+        ),
+        Setting(
+            "description_file",
+            PathKind("file", check=_toml_file),
+            "The model description (TOML, docs/model-description.md), kept in the installed model's `model.json` "
+            "as a model payload's `description_file` is: the daemon's loops read it from there. Without it a loop "
+            "runs the model only if a `<model>.toml` lies beside it, which a preloaded model never has.",
+            None,
         ),
     ),
     "A model preloaded on the data partition (repeat `[[model]]`), as if installed by a bundle.",

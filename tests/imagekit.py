@@ -96,6 +96,7 @@ security_version = 4
 [[model]]
 name = "det"
 source = "models/det.onnx"
+description_file = "models/det.toml"
 """
 
 
@@ -114,6 +115,7 @@ def write_recipe(directory: Path, text: str = RECIPE, *, name: str = "small.toml
     (directory / "pitstop.toml").write_text("[update]\npoll_default_s = 60\n")
     (directory / "models").mkdir(exist_ok=True)
     (directory / "models" / "det.onnx").write_bytes(bytes(range(256)) * 64)
+    (directory / "models" / "det.toml").write_text('name = "det"\n[[inputs]]\nname = "x"\nshape = [1, 3, 32, 32]\n')
     keyring = directory / "keyring.pem"
     if not keyring.exists():
         pki = devkeys.make_dev_pki(name="recipe test")

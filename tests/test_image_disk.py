@@ -193,7 +193,9 @@ def test_data_partition(built: tuple[recipe.Recipe, disk.DiskParts, Path]) -> No
     assert parsed.payloads["models/det"].current == version
     assert debugfs_cat(fs, f"/pitstop/versions/models/det/{version}/det.onnx") == model.source.read_bytes()
     desc = json.loads(debugfs_cat(fs, f"/pitstop/versions/models/det/{version}/model.json"))
-    assert desc == {"name": "det", "file": "det.onnx", "sha256": sha, "description": {}}
+    # The recipe's description_file, as a model payload carries it: the daemon's loops read it from here.
+    described = {"name": "det", "inputs": [{"name": "x", "shape": [1, 3, 32, 32]}]}
+    assert desc == {"name": "det", "file": "det.onnx", "sha256": sha, "description": described}
     link = debugfs(fs, "stat /models/det")
     assert "Type: symlink" in link and f'Fast link dest: "../pitstop/versions/models/det/{version}"' in link
     assert inode_mode(fs, "/identity") == 0o700

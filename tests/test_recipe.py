@@ -32,6 +32,7 @@ GOLDEN = """\
   },
   "boot": {
     "cmdline": "console=ttyS0,115200 panic=1",
+    "emergency_reboot_s": 30,
     "tries": 3
   },
   "bundle": {
@@ -52,6 +53,7 @@ GOLDEN = """\
   },
   "model": [
     {
+      "description_file": "@BASE@/models/det.toml",
       "name": "det",
       "source": "@BASE@/models/det.onnx",
       "target": "models/det"
@@ -203,7 +205,7 @@ version = "0.1.0"
     )
     assert r.partitions.esp == 64 * MiB and r.partitions.disk is None
     assert r.layout().size == (1 + 64 + 64 + 64 + 32 + 1) * MiB
-    assert r.boot.tries == 3 and "panic=5" in r.boot.cmdline
+    assert r.boot.tries == 3 and "panic=5" in r.boot.cmdline and r.boot.emergency_reboot_s == 30
     assert r.user == () and r.model == () and r.network.interface == ()
     assert r.files.overlay is None and r.keys.keyring == "dev" and r.bundle.security_version == 0
 
@@ -220,7 +222,7 @@ BAD = [
     (
         "unknown key in a table",
         ("tries = 3", "tries = 3\ntimeout = 5"),
-        r"boot: unknown key 'timeout'; allowed: cmdline, tries$",
+        r"boot: unknown key 'timeout'; allowed: cmdline, tries, emergency_reboot_s$",
     ),
     (
         "unknown key in an array of tables",
@@ -251,6 +253,31 @@ BAD = [
     # values out of range or not allowed
     ("tries 0", ("tries = 3", "tries = 0"), r"boot\.tries: 0 is out of range \(1 … 9\)"),
     ("tries 10", ("tries = 3", "tries = 10"), r"boot\.tries: 10 is out of range \(1 … 9\)"),
+    (
+        "emergency reboot negative",
+        ("tries = 3", "tries = 3\nemergency_reboot_s = -1"),
+        r"boot\.emergency_reboot_s: -1 is out of range \(0 … 600\)$",
+    ),
+    (
+        "emergency reboot too late",
+        ("tries = 3", "tries = 3\nemergency_reboot_s = 601"),
+        r"boot\.emergency_reboot_s: 601 is out of range \(0 … 600\)$",
+    ),
+    (
+        "emergency reboot a string",
+        ("tries = 3", 'tries = 3\nemergency_reboot_s = "30s"'),
+        r"boot\.emergency_reboot_s: must be an integer, not a string$",
+    ),
+    (
+        "emergency reboot a boolean",
+        ("tries = 3", "tries = 3\nemergency_reboot_s = false"),
+        r"boot\.emergency_reboot_s: must be an integer, not a boolean$",
+    ),
+    (
+        "emergency reboot a float",
+        ("tries = 3", "tries = 3\nemergency_reboot_s = 30.0"),
+        r"boot\.emergency_reboot_s: must be an integer, not (a )?float$",
+    ),
     (
         "arch",
         ('compatible = "pitstop-test-image"', 'compatible = "pitstop-test-image"\narch = "arm64"'),
@@ -405,6 +432,11 @@ BAD = [
         ),
         r"model\[2\]\.target: 'm/b' overlaps the target 'm' of another model",
     ),
+    (
+        "model description not TOML",
+        ('description_file = "models/det.toml"', 'description_file = "overlay/etc/motd"'),
+        r"model\[1\]\.description_file: 'overlay/etc/motd': not valid TOML",
+    ),
 ]
 
 
@@ -445,6 +477,11 @@ MISSING = [
         "model file",
         ('source = "models/det.onnx"', 'source = "models/yolo.onnx"'),
         r"model\[1\]\.source: 'models/yolo\.onnx' .* does not exist",
+    ),
+    (
+        "model description",
+        ('description_file = "models/det.toml"', 'description_file = "models/yolo.toml"'),
+        r"model\[1\]\.description_file: 'models/yolo\.toml' .* does not exist",
     ),
     ("daemon config", ('config = "pitstop.toml"', 'config = "pitstop.conf"'), r"daemon\.config: 'pitstop\.conf'"),
 ]

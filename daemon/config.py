@@ -784,7 +784,8 @@ UPDATE = Table(
         Setting(
             "gate_throughput_fraction",
             Number(0, 1, lo_open=True),
-            "Each enabled loop must reach this fraction of its throughput before the update.",
+            "Each enabled loop must reach this fraction of its throughput before the update (measured over the last "
+            "`gate_hold_s` of its run).",
             0.8,
         ),
         Setting(

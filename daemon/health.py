@@ -219,6 +219,7 @@ class Mount:
     device: str
     mountpoint: str
     fstype: str
+    read_only: bool = False
 
 
 def _unescape(field_: str) -> str:
@@ -236,7 +237,8 @@ def read_mounts(root: Path) -> list[Mount] | None:
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 3:
-            mounts.append(Mount(_unescape(parts[0]), _unescape(parts[1]), parts[2]))
+            ro = len(parts) >= 4 and "ro" in parts[3].split(",")
+            mounts.append(Mount(_unescape(parts[0]), _unescape(parts[1]), parts[2], ro))
     return mounts
 
 
@@ -285,6 +287,9 @@ class FilesystemReader:
             except OSError as e:
                 self._once(logging.WARNING, f"health: cannot statvfs {path}: {e.strerror}; not reported")
                 continue
+            # A read-only root (an A/B slot) is as full as its image: collectors tell it from space running out.
+            ro = mount.read_only if mounts is not None and mount is not None else bool(st.f_flag & os.ST_RDONLY)
+            attrs["system.filesystem.mode"] = "ro" if ro else "rw"
             seen.add(path)
             out += _fs_metrics(st, attrs)
         return out

@@ -6,7 +6,8 @@ state of the required systemd units and each loop's figures. The gate passes onc
 has failed for good (a required unit in systemd's "failed" state). docs/update-agent.md describes the rules.
 
 Which loops are gated: each loop that was producing results before the update (it has a baseline) and is
-still configured. Its throughput now must be at least `fraction` times its baseline. A configured, enabled loop
+still configured. Its throughput now, over the last `hold_s` of its run (or the run so far, when shorter), must
+be at least `fraction` times its baseline. A configured, enabled loop
 without a baseline (new with this update, or stopped before it) must run and produce results, at any rate:
 there is nothing to compare it with.
 """
@@ -58,6 +59,17 @@ def recent_rate(prev: LoopReading | None, cur: LoopReading) -> float:
     return cur.throughput_fps
 
 
+def window_anchor(readings: list[LoopReading], window_s: float) -> LoopReading | None:
+    """The reading to measure the latest one's rate from: the newest at least `window_s` older than it, else the
+    oldest of the run. A window of several figures keeps a slow loop's rate from swinging with the one result
+    more or less that falls into a single interval between figures (at 1/s, 4 or 6 in 5 s: ±20%)."""
+    if len(readings) < 2:
+        return None
+    cur = readings[-1]
+    older = [r for r in readings[:-1] if r.elapsed_s <= cur.elapsed_s - window_s]
+    return older[-1] if older else readings[0]
+
+
 class Gate:
     """The gate for one update. `step` with each new reading; it remembers since when all checks held."""
 
@@ -67,7 +79,7 @@ class Gate:
         self.baseline = {k: v for k, v in baseline.items() if v > 0}
         self.loops = loops
         self._held_since: float | None = None
-        self._prev: dict[str, LoopReading] = {}
+        self._runs: dict[str, list[LoopReading]] = {}  # each loop's readings in its current run, within the window
 
     def step(self, elapsed_s: float, units: Mapping[str, str], loops: Mapping[str, LoopReading]) -> Result:
         """`elapsed_s`: seconds since the gate started; `units`: ActiveState of each required unit."""
@@ -85,12 +97,16 @@ class Gate:
             if cur is None:
                 unmet.append(f"loop {name} is not supervised")
                 continue
-            prev = self._prev.get(name)
+            run = self._runs.setdefault(name, [])
             # A new run (restarted child) starts its counters again: no rate across runs.
-            if prev is not None and (cur.elapsed_s < prev.elapsed_s or cur.frames_out < prev.frames_out):
-                prev = None
-            self._prev[name] = cur
-            rate = recent_rate(prev, cur) if cur.state == "running" else 0.0
+            if run and (cur.elapsed_s < run[-1].elapsed_s or cur.frames_out < run[-1].frames_out):
+                run.clear()
+            if not run or cur != run[-1]:
+                run.append(cur)
+            anchor = window_anchor(run, p.hold_s)
+            if anchor is not None:
+                del run[: run.index(anchor)]
+            rate = recent_rate(anchor, cur) if cur.state == "running" else 0.0
             rates[name] = rate
             base = self.baseline.get(name)
             if cur.state != "running":

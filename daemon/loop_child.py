@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ log = logging.getLogger("pitstop.daemon.loop_child")
 EXIT_FINISHED = 0
 EXIT_CRASHED = 70  # sysexits EX_SOFTWARE
 EXIT_CONFIG = 78  # sysexits EX_CONFIG
+FIRST_POLL_S = 0.25  # how soon the first results are reported
 
 KIND_FINISHED = "finished"
 KIND_CONFIG = "config"
@@ -226,8 +228,17 @@ def run(spec: ChildSpec, reporter: Reporter, every_s: float) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     loop.start()
     reporter.send("started", runtime=loop.stats.runtime, limits=spec.limits.describe())
-    while not loop.wait(timeout=every_s):
-        reporter.send("figures", figures=loop.figures().as_dict())
+    # The first results are reported as soon as they exist (the daemon says when a loop serves), then every_s.
+    serving = False
+    due = time.monotonic() + every_s
+    while not loop.wait(timeout=max(0.0, due - time.monotonic()) if serving else min(every_s, FIRST_POLL_S)):
+        figures = loop.figures()
+        if not serving:
+            serving = figures.frames_out > 0
+            if not serving and time.monotonic() < due:
+                continue
+        reporter.send("figures", figures=figures.as_dict())
+        due = time.monotonic() + every_s
         if reporter.broken:
             loop.stop()
     figures = loop.figures()

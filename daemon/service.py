@@ -24,7 +24,7 @@ from pitstop.daemon.core import DaemonCore
 from pitstop.daemon.dbus_api import BUS_NAME, serve
 from pitstop.daemon.errors import DaemonError
 from pitstop.daemon.health_service import HealthService
-from pitstop.daemon.supervisor import EVENT_STATE, LoopEvent, Supervisor
+from pitstop.daemon.supervisor import EVENT_FIGURES, EVENT_STATE, LoopEvent, Supervisor
 from pitstop.daemon.update_agent import UpdateAgent
 from pitstop.errors import PitstopError
 from pitstop.ota import system_config
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READY_LINE = "PITSTOP-READY"
+SERVING_LINE = "PITSTOP-SERVING"
 
 # The update agent's client is made at start: its settings that a reload cannot apply keep their old values.
 _AGENT_RESTART = tuple(s.key for s in daemon_config.UPDATE.values if not s.live)
@@ -54,11 +55,35 @@ class Options:
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     # Told the committed slot's name once this boot's update flow has settled (default: the ready line on stdout).
     on_committed: Callable[[str], None] | None = None
+    # Told a loop's name when a run of it delivers its first results (default: the serving line on stdout).
+    on_serving: Callable[[str], None] | None = None
 
 
 def print_ready(slot: str) -> None:
     # The unit sends stdout, and only stdout, to the console too: boot tests and HIL rigs wait for this line.
     print(f"{READY_LINE} slot={slot}", flush=True)
+
+
+def print_serving(loop: str) -> None:
+    # On the console too: the rig measures from a reboot to inference served again by this line.
+    print(f"{SERVING_LINE} loop={loop}", flush=True)
+
+
+class ServingWatch:
+    """Tells once per run of each loop (a run is a child process) that it delivers results."""
+
+    def __init__(self, tell: Callable[[str], None]) -> None:
+        self.tell = tell
+        self._told: dict[str, int | None] = {}
+
+    def __call__(self, ev: LoopEvent) -> None:
+        st = ev.status
+        if ev.kind != EVENT_FIGURES or not st.figures or int(st.figures.get("frames_out") or 0) <= 0:
+            return
+        if st.name in self._told and self._told[st.name] == st.pid:
+            return
+        self._told[st.name] = st.pid
+        self.tell(st.name)
 
 
 def systemctl_reboot() -> None:
@@ -97,6 +122,7 @@ async def serve_forever(opts: Options) -> int:
             events.loop_state_changed(st.name, st.state.value, st.cause or "")
 
     loops.subscribe(on_loop)
+    loops.subscribe(ServingWatch(opts.on_serving or print_serving))
     # The name last: a client that finds the name finds a complete API.
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):

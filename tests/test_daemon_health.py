@@ -74,7 +74,7 @@ LOADAVG = "0.08 0.60 1.11 2/89 4143\n"
 UPTIME = "14660.11 15372.41\n"
 # A Jetson-like layout: data on its own partition, the ESP listed but not mounted, a mount point with a space.
 MOUNTS = """\
-/dev/mmcblk0p1 / ext4 rw,relatime 0 0
+/dev/mmcblk0p1 / ext4 ro,relatime 0 0
 proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
 /dev/mmcblk0p4 /data ext4 rw,relatime 0 0
@@ -165,6 +165,12 @@ def test_fake_tree(fake_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     )
     assert free.unit == "By" and free.attributes["system.device"] == "/dev/mmcblk0p4"
     assert free.attributes["system.filesystem.type"] == "ext4"
+    # The mount's mode (OpenTelemetry's system.filesystem.mode): the read-only root (an A/B slot) says so.
+    assert free.attributes["system.filesystem.mode"] == "rw"
+    root_used = one(
+        s, "system.filesystem.usage", **{"system.filesystem.mountpoint": "/", "system.filesystem.state": "used"}
+    )
+    assert root_used.attributes["system.filesystem.mode"] == "ro"
     # statvfs of the same directory a moment later: equal but for whatever the machine wrote meanwhile.
     assert abs(free.value - st.f_bavail * st.f_frsize) < 256 << 20
     assert (

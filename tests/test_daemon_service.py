@@ -267,6 +267,10 @@ threads = 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert (tmp_path / "orient.jsonl").stat().st_size > 0
+        # stdout (the console, under systemd): the ready line, and the serving line once per run with results.
+        lines = (proc.stdout.read() if proc.stdout else "").splitlines()
+        assert "PITSTOP-READY slot=a" in lines and "PITSTOP-SERVING loop=orient" in lines, lines
+        assert set(lines) == {"PITSTOP-READY slot=a", "PITSTOP-SERVING loop=orient"}, lines
     finally:
         if proc.poll() is None:
             proc.kill()

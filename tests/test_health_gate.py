@@ -83,3 +83,25 @@ def test_hold_not_complete_by_the_deadline_fails() -> None:
     assert g.step(7, {}, {}).verdict is Verdict.WAIT
     r = g.step(10, {}, {})
     assert r.verdict is Verdict.FAIL and r.reason == "the checks held only 3 s of 5 s by the deadline"
+
+
+def test_a_slow_loop_is_measured_over_the_hold_window_not_one_interval() -> None:
+    """At 1 result/s, figures every 5 s hold 3 or 7 results by the luck of timing: one interval alone says
+    0.6/s (below 80%) every other time; over the hold window (here 10 s) the rate stays near 1/s and passes.
+    A loop at a quarter of its baseline still fails, over any window."""
+    g = Gate(POLICY, {"det": 1.0}, ("det",))
+    frames, t = 10, 10.0
+    verdicts = []
+    for n, step in enumerate((3, 7, 3, 7, 3, 7)):
+        frames, t = frames + step, t + 5
+        r = g.step(5.0 * (n + 1), UP, {"det": run(frames, t, fps=1.0)})
+        verdicts.append(r.verdict)
+        if n >= 2:  # from the third reading on, the window spans 10 s: 10 results
+            assert r.rates["det"] == 1.0, r
+    assert verdicts[-1] is Verdict.PASS, verdicts
+    slow = Gate(POLICY, {"det": 1.0}, ("det",))
+    frames, t = 10, 10.0
+    for n in range(12):
+        frames, t = frames + (2 if n % 2 else 1), t + 5  # 0.3/s
+        r = slow.step(5.0 * (n + 1), UP, {"det": run(frames, t, fps=0.3)})
+    assert r.verdict is Verdict.FAIL and "loop det: 0.3/s, needs 0.8/s" in r.reason, r

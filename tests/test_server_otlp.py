@@ -45,7 +45,13 @@ def sample(t_ns: int | None = None, *, idle: float = 0.88, loop_fps: float = 29.
         Metric("system.memory.utilization", 0.4, "1", {"system.memory.state": "used"}),
         Metric("system.uptime", 3600.0, "s"),
         Metric("system.filesystem.utilization", 0.55, "1", fs),
-        Metric("system.filesystem.utilization", 0.12, "1", {**fs, "system.filesystem.mountpoint": "/"}),
+        Metric("system.filesystem.utilization", 0.12, "1", {**fs, "system.filesystem.mountpoint": "/boot/efi"}),
+        Metric(
+            "system.filesystem.utilization",
+            0.96,
+            "1",
+            {**fs, "system.filesystem.mountpoint": "/", "system.filesystem.mode": "ro"},
+        ),
         Metric("hw.temperature", 48.0, "Cel", {"hw.id": "thermal_zone0", "hw.name": "cpu"}),
         Metric("hw.temperature", 61.2, "Cel", {"hw.id": "thermal_zone1", "hw.name": "gpu"}),
         Metric("pitstop.inference.throughput", loop_fps, "{frame}/s", {"loop": "det"}),
@@ -80,7 +86,8 @@ def test_report_becomes_the_devices_health(s: Site, capsys: pytest.CaptureFixtur
         "cpu": 0.12,
         "memory": 0.4,
         "uptime_s": 3600.0,
-        "disk": {"/": 0.12, "/data": 0.55},
+        "disk": {"/boot/efi": 0.12, "/data": 0.55},  # writable: the device list shows the fuller one
+        "disk_readonly": {"/": 0.96},  # the slot's root is as full as its image: no alarm
         "temperature_max": 61.2,
         "loops": {"det": 29.5},
         "update_state": "idle",

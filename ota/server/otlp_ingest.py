@@ -125,13 +125,15 @@ def summarize(rm: ResourceMetrics) -> Report:
         v = first(name)
         if v is not None:
             s[key] = round(v, 4)
-    disks = {
-        str(p.attributes.get("system.filesystem.mountpoint", "?")): round(p.value, 4)
-        for p in points
-        if p.name == "system.filesystem.utilization"
-    }
-    if disks:
-        s["disk"] = disks
+    # Writable filesystems apart: a read-only root (an A/B slot) is about as full as its image, and no alarm.
+    for key, ro in (("disk", False), ("disk_readonly", True)):
+        disks = {
+            str(p.attributes.get("system.filesystem.mountpoint", "?")): round(p.value, 4)
+            for p in points
+            if p.name == "system.filesystem.utilization" and (p.attributes.get("system.filesystem.mode") == "ro") == ro
+        }
+        if disks:
+            s[key] = disks
     temps = [p.value for p in points if p.name == "hw.temperature"]
     if temps:
         s["temperature_max"] = round(max(temps), 1)

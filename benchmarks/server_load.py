@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ from _common import CommandFailed, bench_main, log, machine, pitstop_command
 
 from pitstop.daemon.health import HealthSampler
 from pitstop.daemon.otlp import SEQ_ATTR, SPOOL_ATTR, encode, resource_attributes
+from pitstop.hil.errors import HilError
+from pitstop.hil.site import SiteServer
 
 TENANT = "DEFAULT"
 
@@ -145,27 +148,20 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, str]]
     return data, tokens
 
 
-def start_server(args: argparse.Namespace, data: Path) -> tuple[subprocess.Popen[str], str]:
-    argv = [
-        *pitstop_command(args.pitstop),
-        "server",
-        "serve",
-        "--data",
-        str(data),
-        "--listen",
-        "127.0.0.1:0",
-        "--poll-interval",
-        f"{max(1, round(args.interval))}s",
-    ]
-    log_file = data.parent / "server.log"
-    with open(log_file, "w") as err:  # a file, not a pipe: nobody reads the log while it runs
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.wait(10)
-        raise CommandFailed(argv, proc.returncode or -1, log_file.read_text())
-    return proc, line.split("listening on ", 1)[1].split()[0]
+def start_server(args: argparse.Namespace, data: Path) -> SiteServer:
+    """`pitstop server serve` on a loopback port, its log in server.log beside the data; CommandFailed if not."""
+    server = SiteServer(
+        data,
+        command=pitstop_command(args.pitstop),
+        verbose=False,
+        poll_interval=f"{max(1, round(args.interval))}s",
+        log=data.parent / "server.log",
+    )
+    try:
+        return server.start()
+    except HilError as e:
+        assert server.proc is not None
+        raise CommandFailed(server.argv, server.proc.returncode or -1, str(e)) from e
 
 
 def cpu_seconds(pid: int) -> float:
@@ -380,7 +376,9 @@ async def drive(args: argparse.Namespace, url: str, tokens: dict[str, str], pid:
         report = encode([sample], res, start_ns=time.time_ns(), scope_attributes={SEQ_ATTR: 0, SPOOL_ATTR: dev})
         fleet.append(Device(dev, tok, host, int(port), report))
     out: dict[str, Any] = {"report_bytes": len(fleet[0].report.SerializeToString())}
-    phases = [("steady", lambda st: steady(fleet, args.interval, args.duration, st))]
+    phases: list[tuple[str, Callable[[Stats], Awaitable[float]]]] = [
+        ("steady", lambda st: steady(fleet, args.interval, args.duration, st))
+    ]
     if args.saturate > 0:
         phases.append(("saturation", lambda st: saturate(fleet, args.saturate, st)))
     for name, phase in phases:
@@ -415,16 +413,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     log(f"set-up: {args.devices} devices, a bundle deployed to {args.deploy_percent:g} % of them")
     load_before = os.getloadavg()
     data, tokens = prepare(args, work)
-    proc, url = start_server(args, data)
+    server = start_server(args, data)
+    assert server.proc is not None
     try:
-        results = asyncio.run(drive(args, url, tokens, proc.pid))
+        results = asyncio.run(drive(args, server.url("127.0.0.1"), tokens, server.proc.pid))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server_exit = server.stop(30)
     required = args.devices * 2 / args.interval
     with_rollout = subprocess.run(
         [*pitstop_command(args.pitstop), "server", "rollouts", "--json", "--data", str(data)],
@@ -442,7 +436,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "interval_s": args.interval,
             "required_requests_per_s": round(required, 1),
             "deployments": rollouts[0]["actions"] if rollouts else {},
-            "server_exit": proc.returncode,
+            "server_exit": server_exit,
             # Other work on the machine shares its cores with the server and the generator: say how much.
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],

@@ -39,13 +39,14 @@ import pitstop
 from pitstop.errors import UsageError
 from pitstop.hil.errors import HilError
 from pitstop.hil.local_target import BOOT, LocalTarget
-from pitstop.hil.overlay import write_rig_overlay
+from pitstop.hil.overlay import rig_models, write_rig_overlay
 from pitstop.hil.power import CommandPower, HttpPdu, PowerControl, parse_auth, relay_from_spec
 from pitstop.hil.qemu_target import QemuConfig, QemuTarget, qemu_missing
 from pitstop.hil.report import Report
 from pitstop.hil.ssh_target import SshConfig, SshTarget, parse_ssh_url
 from pitstop.hil.target import Provision, Target, rig_factory_ca
 from pitstop.hil.timeline import Clock
+from pitstop.image.recipe import Model
 
 DEFAULT_RECIPE = Path("recipes") / "ipc-x86_64.toml"
 DEFAULT_EPOCH = 1_700_000_000  # SOURCE_DATE_EPOCH of the rig's image when none is set: reproducible, cacheable
@@ -240,8 +241,10 @@ def build_rig_image(repo: Path, *, rebuild: bool = False) -> RigImage:
     with (cache / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two rigs on one checkout build once
         overlay = write_rig_overlay(cache / "overlay")
+        models = rig_models()
         epoch = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
-        key = hashlib.sha256(f"{source_digest(repo)}\0{source_digest_overlay(overlay)}\0{epoch}".encode()).hexdigest()
+        parts = [source_digest(repo), source_digest_overlay(overlay), *(models_digest(m) for m in models), str(epoch)]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
         out = cache / "image"
         stamp = out / "rig-key"
         recipe = repo / DEFAULT_RECIPE
@@ -249,10 +252,19 @@ def build_rig_image(repo: Path, *, rebuild: bool = False) -> RigImage:
         disk = out / f"{name}.img"
         if rebuild or not (stamp.is_file() and stamp.read_text().strip() == key and disk.is_file()):
             stamp.unlink(missing_ok=True)
-            req = build.Request(recipe, out, repo / ".cache" / "image", repo, epoch, True, extra_overlay=overlay)
+            req = build.Request(
+                recipe, out, repo / ".cache" / "image", repo, epoch, True, extra_overlay=overlay, extra_models=models
+            )
             build.build(req, Stages(enabled=True))
             stamp.write_text(key + "\n")
         return image_beside(disk)
+
+
+def models_digest(m: Model) -> str:
+    h = hashlib.sha256(f"{m.name}\0{m.target}\0".encode())
+    for f in (m.source, m.description_file):
+        h.update(f.read_bytes() if f is not None else b"-")
+    return h.hexdigest()
 
 
 def source_digest_overlay(overlay: Path) -> str:

@@ -7,22 +7,27 @@ Everything goes through the server's management command line, as a site operator
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from pitstop.hil.errors import HilError
+from pitstop.hil.overlay import LOOP_DROPIN, LOOP_FPS, LOOP_NAME, MODEL_TARGET, rig_models
 from pitstop.hil.plugin import Rig, RigImage
 from pitstop.hil.target import Target
 from pitstop.ota import devkeys
@@ -38,46 +43,87 @@ POLL = "30s"
 
 
 class SiteServer:
-    """`pitstop server serve` on 127.0.0.1 (the QEMU device reaches it as 10.0.2.2) with its own data directory.
-    Devices are registered with `device add`, and provisioned with the token it prints, as at a site."""
+    """`pitstop server serve` as a child process on 127.0.0.1 (the QEMU device reaches it as 10.0.2.2), on the
+    port the system picks (read from the first line it prints), with its own data directory and its log (stderr)
+    in `log`. Devices are registered with `device add`, and provisioned with the token it prints, as at a site.
 
-    def __init__(self, data: Path) -> None:
+    The server's tests and benchmarks use it too, with their own `serve` arguments (`--keyring`, TLS, ...),
+    environment (added to this process's) and pitstop command; `poll_interval` None leaves the server's default.
+    `stop` ends it as an operator does (SIGTERM), `kill` as a crash does (SIGKILL), `restart` serves the same
+    data directory again (on a new port)."""
+
+    def __init__(
+        self,
+        data: Path,
+        *serve_args: str,
+        command: Sequence[str] = PITSTOP,
+        verbose: bool = True,
+        poll_interval: str | None = POLL,
+        env: Mapping[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
         self.data = data
+        self.command = list(command)
+        self.argv = [*self.command, *(["-v"] if verbose else []), "server", "serve", "--data", str(data),
+                     "--listen", "127.0.0.1:0", *(["--poll-interval", poll_interval] if poll_interval else []),
+                     *serve_args]  # fmt: skip
+        self.env = {**os.environ, **env} if env else None
+        self.log = log or data.parent / f"{data.name}-serve.log"
         self.proc: subprocess.Popen[str] | None = None
+        self.scheme = "http"
         self.port = 0
-        self.log = data.parent / f"{data.name}-serve.log"
 
-    def __enter__(self) -> SiteServer:
+    def start(self) -> SiteServer:
+        """Starts it; raises HilError, with its log, when it does not serve."""
         self.data.mkdir(parents=True, exist_ok=True)
-        log = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [*PITSTOP, "-v", "server", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0",
-             "--poll-interval", POLL],
-            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
-        )  # fmt: skip
+        with self.log.open("a" if self.proc else "w") as log:  # a file, not a pipe: nobody reads it meanwhile
+            self.proc = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env, start_new_session=True
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        m = re.search(r"listening on https?://127\.0\.0\.1:(\d+)", line)
+        m = re.search(r"listening on (https?)://127\.0\.0\.1:(\d+)", line)
         if m is None:
-            self.__exit__(None, None, None)
-            raise AssertionError(f"pitstop server did not start: {line!r}; log {self.log}:\n{self.log.read_text()}")
-        self.port = int(m[1])
+            self.stop()
+            raise HilError(f"pitstop server did not start: {line!r}; log {self.log}:\n{self.log.read_text()}")
+        self.scheme, self.port = m[1], int(m[2])
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def stop(self, timeout: float = 20) -> int:
+        """Ends it as an operator does (SIGTERM), killed if it still runs after `timeout` s; its exit status."""
+        assert self.proc is not None, "not started"
+        if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        return self.kill()
+
+    def kill(self) -> int:
+        """Ends it as a crash does (SIGKILL to its process group), if it still runs; its exit status."""
+        assert self.proc is not None, "not started"
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.wait()
+
+    def restart(self) -> SiteServer:
+        """Stops it if it runs, and starts it again on the same data directory (its log goes on)."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> SiteServer:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if self.proc is not None:
+            self.stop()
 
     def url(self, host: str) -> str:
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def cli(self, *args: str) -> str:
-        return run([*PITSTOP, "-q", "server", *args, "--data", str(self.data)]).text
+        return run([*self.command, "-q", "server", *args, "--data", str(self.data)]).text
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json"))
@@ -137,17 +183,14 @@ class SiteServer:
 # --- bundles ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Updates:
-    """Bundles for the scenarios, for the rig image's product (`compatible`)."""
-
-    good: Path  # the image's rootfs again, as a newer version with a higher security version
-    good_version: str
-    no_boot: Path  # a rootfs with a kernel and an initramfs but no init: the kernel panics, panic=5 resets
-    unsigned: Path
-    wrong_key: Path  # signed by a key the device's keyring does not know
-    downgrade: Path  # signed well, a security version below the one the device committed
-    work: Path  # where they were made (with the foreign key and the no-init rootfs)
+# What makes the slow-inference rootfs slow: a drop-in after the rig's own (hil/overlay.py).
+SLOW_DROPIN = LOOP_DROPIN.with_name("60-hil-slow-inference.toml")
+SLOW_LOOP = f"""\
+# pitstop HIL rig: this rootfs's inference delivers a quarter of the rig's pace (a regression the gate catches).
+[[loop]]
+name = "{LOOP_NAME}"
+source_opts = {{ width = 256, height = 256, fps = {LOOP_FPS / 4} }}
+"""
 
 
 def rootfs_of(image_manifest: dict[str, Any], disk: Path) -> Path:
@@ -210,6 +253,60 @@ class BundleMaker:
         """The image's rootfs again, as the next minor version with the next security version."""
         return self.make("good.pitb", self.version(1), self.security_version + 1, self.rootfs, self.signer)
 
+    def make_model(self, name: str, version: str, model: Path, description: dict[str, Any]) -> Path:
+        out = self.work / name
+        if not out.is_file():
+            payload = PayloadSpec(LOOP_NAME, "model", model, MODEL_TARGET, description)
+            spec = BundleSpec(version, self.security_version, self.compatible, (payload,), created=self.when)
+            create_bundle(spec, out.with_suffix(".tmp"), self.signer)
+            out.with_suffix(".tmp").rename(out)
+        return out
+
+    def model_bundle(self, name: str, version: str, *, broken: bool) -> Path:
+        """The rig's model (hil/overlay.py) as a model payload, whole or cut in half, under its own file name
+        (the loop's configured path)."""
+        found = rig_models()[0]
+        assert found.description_file is not None
+        model = found.source
+        if broken:
+            model = self.work / "broken-model" / found.source.name
+            model.parent.mkdir(exist_ok=True)
+            data = found.source.read_bytes()
+            model.write_bytes(data[: len(data) // 2])
+        return self.make_model(name, version, model, tomllib.loads(found.description_file.read_text()))
+
+    def edited_rootfs(self, name: str, commands: str, check: str, expect: str) -> Path:
+        """A copy of the image's rootfs changed by `commands` (debugfs, run from its root), checked by reading
+        `check` back (debugfs `stat` or `cat`): its output must contain `expect`. Cached as `<name>.ext4`."""
+        out = self.work / f"{name}.ext4"
+        if out.is_file():
+            return out
+        tmp = out.with_suffix(".tmp")
+        run(["cp", "--sparse=always", str(self.rootfs), str(tmp)])
+        cmds = self.work / f"{name}.debugfs"
+        cmds.write_text(commands)
+        run(["debugfs", "-w", "-f", str(cmds), str(tmp)])
+        # debugfs reports a failed command on stdout and exits 0: read the result back instead.
+        if expect not in run(["debugfs", "-R", check, str(tmp)]).text:
+            raise HilError(f"{name}: debugfs did not change {tmp} as asked ({check!r} lacks {expect!r})")
+        run(["e2fsck", "-fn", str(tmp)])
+        tmp.rename(out)
+        return out
+
+    def slow_rootfs(self) -> Path:
+        """The image's rootfs with one more daemon drop-in: the rig's loop paced at a quarter of its rate."""
+        dropin = self.work / SLOW_DROPIN.name
+        dropin.write_text(SLOW_LOOP)
+        cmds = f"cd /{SLOW_DROPIN.parent}\nwrite {dropin} {SLOW_DROPIN.name}\n"
+        return self.edited_rootfs("slow-inference", cmds, f"cat /{SLOW_DROPIN}", SLOW_LOOP)
+
+    def emergency_rootfs(self) -> Path:
+        """The image's rootfs booting into emergency mode (its default target is emergency.target), as one
+        whose fstab or early units fail does: the kernel runs, systemd runs, the daemon never does."""
+        link = "/etc/systemd/system/default.target"
+        cmds = f"rm {link}\nsymlink {link} /usr/lib/systemd/system/emergency.target\n"
+        return self.edited_rootfs("emergency", cmds, f"stat {link}", "emergency.target")
+
     def no_init(self) -> Path:
         broken = self.work / "no-init.ext4"
         return broken if broken.is_file() else no_boot_rootfs(self.rootfs, self.work)
@@ -222,22 +319,74 @@ class BundleMaker:
         return KeyFileSigner.load(d / "signing.key", [d / "chain.pem"])
 
 
+class Updates:
+    """Bundles for the scenarios, for the rig image's product (`compatible`), each made on first use (a scenario
+    that needs one bundle waits for that one only) and cached with the image."""
+
+    def __init__(self, maker: BundleMaker) -> None:
+        self.maker = maker
+        self.work = maker.work
+        self.good_version = maker.version(1)
+        self.model_version = maker.version(3)
+
+    @cached_property
+    def good(self) -> Path:
+        """The image's rootfs again, as the next minor version with the next security version."""
+        return self.maker.good()
+
+    @cached_property
+    def no_boot(self) -> Path:
+        """A rootfs with a kernel and an initramfs but no init: the kernel panics, panic=5 resets."""
+        b = self.maker
+        return b.make("no-boot.pitb", b.version(1, 1), b.security_version + 1, b.no_init(), b.signer)
+
+    @cached_property
+    def slow_inference(self) -> Path:
+        """A rootfs that boots and runs everything, but whose inference loop delivers a quarter of its pace: it
+        fails the health gate's throughput check against the baseline measured before the update."""
+        b = self.maker
+        return b.make("slow-inference.pitb", b.version(1, 2), b.security_version + 1, b.slow_rootfs(), b.signer)
+
+    @cached_property
+    def emergency(self) -> Path:
+        """A rootfs whose userspace ends in emergency mode: the image's emergency drop-in reboots after a pause,
+        each boot spends a try, GRUB falls back."""
+        b = self.maker
+        return b.make("emergency.pitb", b.version(1, 3), b.security_version + 1, b.emergency_rootfs(), b.signer)
+
+    @cached_property
+    def unsigned(self) -> Path:
+        b = self.maker
+        return b.make("unsigned.pitb", b.version(2, 0), b.security_version + 1, b.no_init(), None)
+
+    @cached_property
+    def wrong_key(self) -> Path:
+        """Signed by a key the device's keyring does not know."""
+        b = self.maker
+        return b.make("wrong-key.pitb", b.version(2, 1), b.security_version + 1, b.no_init(), b.foreign_signer())
+
+    @cached_property
+    def downgrade(self) -> Path:
+        """Signed well, a security version below the one the device committed."""
+        b = self.maker
+        if b.security_version < 1:
+            raise HilError("the image's security version is 0: no downgrade below it can be made")
+        return b.make("downgrade.pitb", b.version(2, 2), b.security_version - 1, b.no_init(), b.signer)
+
+    @cached_property
+    def model(self) -> Path:
+        """A model-only bundle: the rig's model again, as a new version (its loop restarts on it, no reboot)."""
+        return self.maker.model_bundle("model.pitb", self.model_version, broken=False)
+
+    @cached_property
+    def broken_model(self) -> Path:
+        """A model-only bundle whose model file is cut short (a failed export): the loop cannot load it."""
+        return self.maker.model_bundle("broken-model.pitb", self.maker.version(3, 1), broken=True)
+
+
 def make_updates(rig_image: RigImage, work: Path) -> Updates:
-    """Every bundle the scenarios use."""
-    b = BundleMaker(rig_image, work)
-    sv = b.security_version
-    if sv < 1:
-        raise HilError("the image's security version is 0: no downgrade below it can be made")
-    broken = b.no_init()
-    return Updates(
-        good=b.good(),
-        good_version=b.version(1),
-        no_boot=b.make("no-boot.pitb", b.version(1, 1), sv + 1, broken, b.signer),
-        unsigned=b.make("unsigned.pitb", b.version(2, 0), sv + 1, broken, None),
-        wrong_key=b.make("wrong-key.pitb", b.version(2, 1), sv + 1, broken, b.foreign_signer()),
-        downgrade=b.make("downgrade.pitb", b.version(2, 2), sv - 1, broken, b.signer),
-        work=b.work,
-    )
+    """The scenarios' bundles for `rig_image`, made under `work` as they are asked for."""
+    return Updates(BundleMaker(rig_image, work))
 
 
 # --- the device ------------------------------------------------------------------------------------------------
@@ -269,8 +418,37 @@ class Device:
         return " ".join(f"{s['name']}:{s['content']}" for s in sorted(st["slots"], key=lambda s: not s["booted"]))
 
     def reboot_marks(self, slot: str, timeout: float, *, start: int) -> tuple[float, float]:
-        """Wait for GRUB to boot `slot` and the daemon to commit it: (time GRUB booted it, time it was ready)."""
+        """Wait for GRUB to boot `slot`, its inference loop to serve and the daemon to commit it: (time GRUB booted
+        it, time it was committed). Figures: reboot_to_serving_s (GRUB to the loop's first results in the new
+        slot) and reboot_to_committed_s (GRUB to the commit, after the health gate)."""
         grub = self.target.console.wait_for(rf"pitstop-grub: booting slot {slot}\b", timeout, start=start)
+        serving = self.target.wait_serving(LOOP_NAME, 600, start=grub.index)
+        self.rig.figure("reboot_to_serving_s", serving.t - grub.t, "s")
         ready = self.target.wait_ready(slot, 600, start=grub.index)
-        self.rig.figure("reboot_to_serving_s", ready.t - grub.t, "s")
+        self.rig.figure("reboot_to_committed_s", ready.t - grub.t, "s")
         return grub.t, ready.t
+
+    def shell(self, command: str, timeout: float = 60) -> str:
+        rc, out = self.target.shell(command, timeout)
+        assert rc == 0, f"{command}: exit {rc}: {out}"
+        return out
+
+    def model_version(self) -> str:
+        """The live version directory of the rig's model (the link's target's name)."""
+        return self.shell(f"basename $(readlink /data/{MODEL_TARGET})").strip().splitlines()[-1]
+
+    def wait_loop_fps(self, fps: float, timeout: float) -> dict[str, Any]:
+        """The rig's loop once it runs at `fps` or more (over its run, as the update agent's baseline takes it)."""
+        end = time.monotonic() + timeout
+        while True:
+            lp = self.loop()
+            if lp["state"] == "running" and (lp["fps"] or 0) >= fps:
+                return lp
+            if time.monotonic() > end:
+                raise AssertionError(f"{self.id}: loop {LOOP_NAME} not at {fps} results/s within {timeout:.0f} s: {lp}")
+            time.sleep(15)  # `pitstop status` takes seconds of the emulated CPU the loop runs on
+
+    def loop(self) -> dict[str, Any]:
+        """The rig's loop as `pitstop status --json` shows it (state, fps, restarts, cause)."""
+        found: dict[str, Any] = next(lp for lp in self.status()["daemon"]["loops"] if lp["name"] == LOOP_NAME)
+        return found

@@ -254,6 +254,12 @@ class Target(abc.ABC):
         pattern = rf"PITSTOP-READY slot=({which})\b"
         return self.console.wait_for(pattern, timeout, start=start)
 
+    def wait_serving(self, loop: str | None = None, timeout: float = 300.0, *, start: int = 0) -> Hit:
+        """The daemon's `PITSTOP-SERVING loop=<name>` (any loop if None) at or after console line `start`: a run
+        of that loop delivered its first results."""
+        which = re.escape(loop) if loop else r"[a-z0-9-]+"
+        return self.console.wait_for(rf"PITSTOP-SERVING loop=({which})\b", timeout, start=start)
+
     def artifacts(self) -> dict[str, Path]:
         """Files worth keeping with the run's report, by label."""
         out: dict[str, Path] = {}

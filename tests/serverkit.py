@@ -12,11 +12,7 @@ download once so that a resume can be watched.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from pitstop.daemon.ddi import DdiClient, GatewayToken, TargetToken
+from pitstop.hil.site import SiteServer
 from pitstop.ota.server import artifacts, auth, deployments, devices
 from pitstop.ota.server.records import Distribution, Rollout
 from pitstop.ota.server.serve import ServeOptions, Server
@@ -89,56 +86,21 @@ def site(tmp: Path, *, keyring: Path | None = None, **opts: Any) -> Iterator[Sit
 
 
 class ServerProcess:
-    """`pitstop server serve` as a child process on an ephemeral port (its URL read from its first line)."""
+    """`pitstop server serve` as a child process (pitstop.hil.site.SiteServer), started at once, with the server's
+    default poll interval unless `args` sets one; `url` is where it listens."""
 
     def __init__(self, data: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pitstop.cli",
-            "server",
-            "serve",
-            "--data",
-            str(data),
-            "--listen",
-            "127.0.0.1:0",
-            *args,
-        ]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "listening on" not in line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            self.proc.wait(10)
-            raise RuntimeError(f"pitstop server serve did not start: {line!r} {err[-2000:]}")
-        self.url = line.split("listening on ", 1)[1].split()[0]
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
+        self.site = SiteServer(data, *args, verbose=False, poll_interval=None, env=env).start()
+        assert self.site.proc is not None
+        self.proc = self.site.proc
+        self.url = self.site.url("127.0.0.1")
+        self.kill, self.stop = self.site.kill, self.site.stop
 
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        self.site.stop()
 
 
 # -- a proxy that cuts ------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pitstop.hil.overlay import LOOP_NAME
 from pitstop.hil.plugin import Rig, RigImage
 from pitstop.hil.site import Device, SiteServer, Updates, make_updates
 from pitstop.hil.target import Target
@@ -27,7 +28,8 @@ def updates(rig_image: RigImage, rig: Rig) -> Updates:
 @pytest.fixture
 def device(target: Target, site: SiteServer, rig: Rig, image: Path, request: pytest.FixtureRequest) -> Device:
     """Flashed with the rig image, provisioned for the site server (updates and health reports) with a token of
-    its own, powered on, and up on slot a (the daemon committed it and printed PITSTOP-READY)."""
+    its own, powered on, up on slot a (the daemon committed it and printed PITSTOP-READY) and serving inference
+    (the rig's loop delivered results: an update's health gate has its baseline)."""
     name = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-")
     dev_id = f"hil-{name}"
     token = site.add_device(dev_id)
@@ -36,4 +38,5 @@ def device(target: Target, site: SiteServer, rig: Rig, image: Path, request: pyt
     target.flash(image, provision=prov)
     target.power_on()
     target.wait_ready("a", 600)
+    target.wait_serving(LOOP_NAME, 600)
     return Device(target, site, dev_id, rig)

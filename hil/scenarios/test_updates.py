@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import time
 from typing import Any
 
@@ -64,7 +65,30 @@ def test_rootfs_that_does_not_boot_rolls_back_and_is_reported(
     dev.check_for_update()
     dev.target.console.wait_for(r"pitstop-grub: booting slot b\b", 900, start=start)
     fallback = dev.target.console.wait_for(r"pitstop-grub: booting slot a\b", 600, start=start)
-    dev.target.wait_ready("a", 600, start=fallback.index)
+    back_on_a_and_reported(dev, site, fallback.index)
+
+
+@pytest.mark.slow
+def test_rootfs_stuck_in_emergency_mode_rolls_back(device: Device, site: SiteServer, updates: Updates) -> None:
+    """A signed bundle whose userspace ends in emergency mode (as a failing mount does): nobody is at a device's
+    console, so the image's emergency drop-in says why and reboots; each boot spends one of b's tries, GRUB
+    falls back to a, and the daemon on a reports the failure."""
+    dev = device
+    site.deploy(site.upload(updates.emergency), dev.id)
+    start = dev.target.console.mark()
+    dev.check_for_update()
+    into_b = dev.target.console.wait_for(r"pitstop-grub: booting slot b\b", 1200, start=start)
+    said = dev.target.console.wait_for(r"pitstop: emergency mode.*rebooting in \d+ s", 600, start=into_b.index)
+    fallback = dev.target.console.wait_for(r"pitstop-grub: booting slot a\b", 1500, start=said.index)
+    tries = len(re.findall(r"pitstop-grub: booting slot b\b", dev.target.console.text(start, fallback.index)))
+    dev.target.timeline.rig("fallback", f"GRUB back on a after {tries} boot(s) of b in emergency mode")
+    assert tries >= 1
+    back_on_a_and_reported(dev, site, fallback.index)
+
+
+def back_on_a_and_reported(dev: Device, site: SiteServer, fallback: int) -> None:
+    """After GRUB fell back (console line `fallback`): a committed again, b not good, the failure reported."""
+    dev.target.wait_ready("a", 600, start=fallback)
     action = site.wait_action(dev.id, FINAL, 180)
     assert action["status"] == "failure", site.details(action)
     assert "did not come up" in site.details(action), site.details(action)

@@ -403,12 +403,10 @@ class Device:
 
     def check_for_update(self) -> None:
         """CheckForUpdate over D-Bus: the poll an operator asks for, instead of waiting up to 33 s for the next."""
-        rc, out = self.target.shell(f"busctl call {BUS} CheckForUpdate", 120)
-        assert rc == 0, out
+        self.shell(f"busctl call {BUS} CheckForUpdate", 120)
 
     def status(self) -> dict[str, Any]:
-        rc, out = self.target.shell("pitstop status --json", 60)
-        assert rc == 0, out
+        out = self.shell("pitstop status --json", 60)
         doc: dict[str, Any] = json.loads(out[out.index("{") : out.rindex("}") + 1])
         return doc
 
@@ -429,6 +427,7 @@ class Device:
         return grub.t, ready.t
 
     def shell(self, command: str, timeout: float = 60) -> str:
+        """`command`'s output through the device's root shell; an AssertionError when it exits non-zero."""
         rc, out = self.target.shell(command, timeout)
         assert rc == 0, f"{command}: exit {rc}: {out}"
         return out

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from cryptography import x509
 
@@ -45,7 +45,11 @@ from pitstop.ota.trust import (
 _SKIP = 8 << 20
 
 
-def read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+class Reader(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def read_exact(f: Reader, n: int, what: str) -> bytes:
     """Read exactly n bytes or raise BundleError naming what was being read."""
     parts = []
     remaining = n
@@ -125,7 +129,10 @@ class VerifiedPreamble:
 
 def open_verified(f: BinaryIO, policy: Policy, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> VerifiedPreamble:
     """Read and verify everything before the payloads; `f` is left at the start of the payload area."""
-    raw = read_raw_preamble(f, limits)
+    return verify_preamble(read_raw_preamble(f, limits), policy, limits)
+
+
+def verify_preamble(raw: RawPreamble, policy: Policy, limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> VerifiedPreamble:
     block = raw.signature_block(limits)
     # Signature and chain are checked before the manifest is parsed: nothing is interpreted unless a
     # key the keyring vouches for signed it. Times need the manifest's signed creation time, so last.

@@ -1,8 +1,13 @@
-"""A bundle read over HTTP(S) as one forward stream that survives dropped connections.
+"""A bundle read over HTTP(S) as a forward stream that survives dropped connections.
 
 The reader asks for the next byte it needs with a Range request whenever a connection drops, so every
 byte is downloaded about once and the installer never sees the interruption. Retries back off
 exponentially and start over after progress; a server that ignores Range is read up to the position.
+
+A delta install reads only parts of a bundle: `window(start, end)` makes the next reads come from
+`start` and end at `end`, and each request asks for no more than that (`Range: bytes=start-(end-1)`),
+so the server sends nothing that is not used. Consecutive windows reuse the open response when they
+continue it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class HttpSource:
                 opts.client_cert)
         self.pos = 0
         self.size: int | None = None
+        self.ranges: bool | None = None   # the server honours Range (None: not asked yet)
+        self._end: int | None = None      # the window's end (exclusive); None: the end of the file
+        self._resp_end: int | None = None  # where the open response's body ends; None: the end of the file
         self.bytes_received = 0   # everything that came over the wire, including what a restart re-read
         self.connections = 0
         self._resp: requests.Response | None = None
@@ -84,6 +92,26 @@ class HttpSource:
     def tell(self) -> int:
         return self.pos
 
+    @property
+    def window_end(self) -> int | None:
+        return self._end
+
+    def window(self, start: int, end: int | None) -> None:
+        """Read from `start` next, up to `end` (exclusive; None: the end of the file). Going backwards is
+        allowed (a new request); with a server that ignores Range it means reading from the start again."""
+        if end is not None and end < start:
+            raise ValueError(f"window end {end} before its start {start}")
+        if self._raw is not None and (start != self.pos or not self._covers(end)):
+            self._close_response()
+        self.pos = start
+        self._end = end
+
+    def _covers(self, end: int | None) -> bool:
+        """The open response goes on at least to `end`."""
+        if self._resp_end is None:
+            return True
+        return end is not None and end <= self._resp_end
+
     def read(self, n: int = -1) -> bytes:
         if n < 0:
             raise ValueError("HttpSource.read needs a size")
@@ -91,6 +119,12 @@ class HttpSource:
         while True:
             if self.size is not None and self.pos >= self.size:
                 return b""
+            if self._end is not None:
+                if self.pos >= self._end:
+                    return b""
+                n = min(n, self._end - self.pos)
+            if self._raw is not None and self._resp_end is not None and self.pos >= self._resp_end:
+                self._close_response()  # a bounded response read to its end: the next request goes on
             try:
                 if self._raw is None:
                     self._connect()
@@ -134,7 +168,11 @@ class HttpSource:
     # -- internals --------------------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        headers = {}
+        if self._end is not None and self.ranges is not False:
+            headers["Range"] = f"bytes={self.pos}-{self._end - 1}"
+        elif self.pos:
+            headers["Range"] = f"bytes={self.pos}-"
         self.connections += 1
         resp = self.session.get(self.url, headers=headers, stream=True, verify=self._verify,
                                 timeout=(self.opts.connect_timeout, self.opts.read_timeout))
@@ -154,7 +192,12 @@ class HttpSource:
                 resp.close()
                 raise DownloadError(f"{self.url}: server sent a range that does not start at byte {self.pos}")
             total = None if m.group(3) == "*" else int(m.group(3))
+            self.ranges = True
+            self._resp_end = int(m.group(2)) + 1
         else:
+            if "Range" in headers:
+                self.ranges = False
+            self._resp_end = None
             skip = self.pos  # no Range support: read again from the start and discard
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
@@ -175,6 +218,7 @@ class HttpSource:
         if self._resp is not None:
             self._resp.close()
         self._resp = self._raw = None
+        self._resp_end = None
 
     def _throttle(self, n: int) -> None:
         rate = self.opts.rate_limit

@@ -19,7 +19,8 @@ import logging
 import os
 import shutil
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -31,20 +32,27 @@ from pitstop.ota import bundle_format as fmt
 from pitstop.ota import slot_device, slot_state
 from pitstop.ota.bundle_extract import write_tree_payload
 from pitstop.ota.bundle_reader import (
+    PayloadLayout,
     PayloadStream,
     Policy,
+    RawPreamble,
     VerifiedPreamble,
     expect_eof,
     open_verified,
     payload_pool,
+    read_exact,
     read_layout,
+    verify_preamble,
 )
+from pitstop.ota.delta_plan import make_plan
+from pitstop.ota.delta_stream import DeltaStream
 from pitstop.ota.device import Device, drop_pending_payloads, record_dir
 from pitstop.ota.device_state import Versions
 from pitstop.ota.errors import BundleError, PayloadError
 from pitstop.ota.http_source import HttpOptions, HttpSource, is_url
 from pitstop.ota.keyring import load_keyring
 from pitstop.ota.manifest import Manifest, Payload, format_time
+from pitstop.ota.seed import Seed, load_seed
 from pitstop.ota.slot_state import StateError
 from pitstop.ota.system_config import SystemConfig
 
@@ -70,6 +78,7 @@ class InstallResult:
     slot: str | None            # the slot written (None: a bundle without rootfs)
     activated: bool             # the bootloader boots it next
     bytes_read: int             # from the source, including re-reads after a dropped connection
+    bytes_seeded: int = 0       # rootfs bytes copied from the active slot instead of downloaded (delta)
 
 
 @contextlib.contextmanager
@@ -136,12 +145,16 @@ def _recordable(source: str) -> str:
 
 class Installer:
     def __init__(self, cfg: SystemConfig, *, http: HttpOptions | None = None, progress: ProgressFn | None = None,
-                 limits: fmt.Limits = fmt.DEFAULT_LIMITS) -> None:
+                 limits: fmt.Limits = fmt.DEFAULT_LIMITS, delta: bool = True) -> None:
         self.cfg = cfg
         self.device = Device(cfg)
         self.http = http or HttpOptions()
         self.progress = progress
         self.limits = limits
+        # Over HTTP, take the rootfs chunks the booted slot holds from it (docs/delta.md).
+        self.delta = delta
+        self._booted: str | None = None
+        self.seeded = 0
 
     def install(self, source: str, *, activate: bool = True) -> InstallResult:
         with self.device.locked():
@@ -153,8 +166,15 @@ class Installer:
         booted = dev.booted()
         keyring = load_keyring(self.cfg.keyring)
         policy = Policy(keyring, dev.clock(state), self.cfg.compatible, state.record.committed_security_version)
+        self._booted, self.seeded = booted, 0
         with open_source(source, self.http) as f:
-            vp = open_verified(f, policy, self.limits)
+            ranged: HttpSource | None = f if self.delta and isinstance(f, HttpSource) else None
+            if ranged is not None:
+                vp = self._preamble_by_ranges(ranged, policy)
+                if not ranged.ranges:
+                    ranged = None  # the server ignores Range: read it front to back after all
+            else:
+                vp = open_verified(f, policy, self.limits)
             m = vp.manifest
             rootfs = [p for p in m.payloads if p.type == "rootfs"]
             trees = [p for p in m.payloads if p.type != "rootfs"]
@@ -183,8 +203,13 @@ class Installer:
             if new_env != env:
                 dev.bootloader.write(new_env)
             dev.store.save(state)
-            written, indexes = self._write_payloads(f, m, target)
-            expect_eof(f)
+            if ranged is not None:
+                written, indexes = self._write_payloads(f, m, target, vp.preamble.header.payload_offset)
+                if ranged.size is not None and ranged.size != vp.preamble.header.total_size:
+                    raise BundleError("bundle has trailing bytes after its payload area")
+            else:
+                written, indexes = self._write_payloads(f, m, target)
+                expect_eof(f)
             bytes_read = int(getattr(f, "bytes_received", f.tell()))
         info = bundle_info(vp, source)
         if target is not None:
@@ -204,7 +229,7 @@ class Installer:
             self.activate(target)
         dev.reconcile_links()
         log.info("installed %s %s (%d bytes written)", m.version, f"into slot {target}" if target else "", written)
-        return InstallResult(m, target, activated, bytes_read)
+        return InstallResult(m, target, activated, bytes_read, self.seeded)
 
     def activate(self, target: str) -> None:
         dev = self.device
@@ -220,15 +245,39 @@ class Installer:
         if self.progress:
             self.progress(InstallProgress(phase, payload, done, total))
 
-    def _write_payloads(self, f: BinaryIO, m: Manifest, target: str | None) -> tuple[int, dict[str, bytes]]:
+    def _preamble_by_ranges(self, src: HttpSource, policy: Policy) -> VerifiedPreamble:
+        """Header, manifest and signature with requests for exactly their bytes (a delta install reads no
+        more of the bundle than it needs); tells whether the server honours Range at all."""
+        src.window(0, fmt.HEADER_SIZE)
+        header = fmt.decode_header(read_exact(src, fmt.HEADER_SIZE, "header"), self.limits)
+        src.window(fmt.HEADER_SIZE, header.payload_offset if src.ranges else None)
+        raw = RawPreamble(header, read_exact(src, header.manifest_size, "manifest"),
+                          read_exact(src, header.signature_size, "signature block"))
+        return verify_preamble(raw, policy, self.limits)
+
+    def _write_payloads(self, f: BinaryIO, m: Manifest, target: str | None,
+                        ranged_base: int | None = None) -> tuple[int, dict[str, bytes]]:
+        """Stream every payload. With `ranged_base` (the payload area's offset in an HTTP bundle whose
+        server honours Range), each part is requested on its own and the rootfs goes through a delta."""
         total = sum(p.size for p in m.payloads)
         done = 0
         indexes: dict[str, bytes] = {}
         with payload_pool() as pool:
             for p in m.payloads:
+                if ranged_base is not None:
+                    assert isinstance(f, HttpSource)
+                    f.window(ranged_base + p.region_start, ranged_base + p.data.offset)
                 layout = read_layout(f, p, self.limits)
                 indexes[p.name] = layout.index_bytes
-                chunks = PayloadStream(f, p, layout, pool, compressed_hash=False)
+                chunks: Iterable[bytes]
+                if ranged_base is not None and p.type == "rootfs":
+                    assert isinstance(f, HttpSource)
+                    chunks = self._delta(f, p, layout, ranged_base, pool)
+                else:
+                    if ranged_base is not None:
+                        assert isinstance(f, HttpSource)
+                        f.window(ranged_base + p.data.offset, ranged_base + p.region_end)
+                    chunks = PayloadStream(f, p, layout, pool, compressed_hash=False)
                 self._report("write", p.name, done, total)
 
                 def counted(it: Iterator[bytes], name: str = p.name) -> Iterator[bytes]:
@@ -245,6 +294,26 @@ class Installer:
                     with self.device.payloads.stage(p.target, _version_id(m, p)) as tmp:
                         write_tree_payload(p, counted(iter(chunks)), tmp, self.limits)
         return done, indexes
+
+    def _delta(self, src: HttpSource, p: Payload, layout: PayloadLayout, base: int,
+               pool: ThreadPoolExecutor) -> Iterable[bytes]:
+        booted = self._booted
+        assert booted is not None
+        seed = None
+        with contextlib.suppress(KeyError):
+            seed = load_seed(self.cfg.state_dir, booted, self.cfg.slot(booted).device, p, self.limits)
+        if seed is None:
+            seed = Seed(self.cfg.slot(booted).device, {}, "none")
+        plan = make_plan(layout.index, layout.sizes, base + p.data.offset, seed.offsets)
+        log.info("delta: %d of %d chunks (%d of %d bytes) from slot %s (%s); downloading %d bytes in %d request(s)",
+                 plan.seeded_chunks, plan.chunks, plan.seeded_bytes, p.size, booted, seed.origin,
+                 plan.download_bytes, len(plan.fetches))
+        stream = DeltaStream(src, p, layout.index.ids, plan, seed, pool)
+        yield from stream
+        self.seeded += stream.seeded_bytes
+        if stream.fallback_chunks:
+            log.warning("delta: %d chunk(s) of slot %s did not match their record and were downloaded",
+                        stream.fallback_chunks, booted)
 
     @staticmethod
     def _write_slot(device: Path, chunks: Iterator[bytes]) -> None:

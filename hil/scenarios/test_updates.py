@@ -118,7 +118,10 @@ def test_unsigned_wrong_key_and_downgrade_bundles_are_refused_and_reported(
         assert why in text.lower(), text
         dev.target.timeline.rig("refused", f"{bundle.name}: {text.splitlines()[-1][:160]}")
     after = dev.status()
-    assert after == before, (before, after)
+    # The slots, their records and the commit floor are as they were; the daemon's own part (its loops' live
+    # figures, the last update error) moves on by design.
+    assert {k: v for k, v in after.items() if k != "daemon"} == {k: v for k, v in before.items() if k != "daemon"}
+    assert "downgrade refused" in after["daemon"]["update_error"], after["daemon"]
 
 
 @pytest.mark.slow

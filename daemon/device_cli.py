@@ -40,6 +40,12 @@ def register(sub: Any) -> None:
         "--no-activate", action="store_true", help="write and record, but leave the boot order as is (--local only)"
     )
     p.add_argument(
+        "--no-delta",
+        action="store_true",
+        help="over HTTP(S), download the whole bundle instead of only the rootfs chunks the booted slot lacks "
+        "(docs/delta.md; --local only)",
+    )
+    p.add_argument(
         "--ca", type=Path, help="CA bundle for HTTPS (default: certifi's bundle, or $REQUESTS_CA_BUNDLE; --local only)"
     )
     p.add_argument("--client-cert", type=Path, help="client certificate (PEM) for mutual TLS (--local only)")
@@ -172,7 +178,8 @@ def cmd_install(args: argparse.Namespace) -> int:
             bar = Progress("installing", ev.total, enabled=not args.quiet)
         bar.update(ev.done - bar.done)
 
-    result = Installer(cfg, http=http, progress=progress).install(args.source, activate=not args.no_activate)
+    installer = Installer(cfg, http=http, progress=progress, delta=not args.no_delta)
+    result = installer.install(args.source, activate=not args.no_activate)
     if bar is not None:
         bar.finish()
     m = result.manifest
@@ -194,6 +201,7 @@ def _install_through(daemon: DaemonClient, args: argparse.Namespace) -> int:
         flag
         for flag, given in (
             ("--no-activate", args.no_activate),
+            ("--no-delta", args.no_delta),
             ("--ca", args.ca is not None),
             ("--client-cert", args.client_cert is not None),
             ("--client-key", args.client_key is not None),

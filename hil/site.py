@@ -31,6 +31,7 @@ from pitstop.hil.overlay import LOOP_DROPIN, LOOP_FPS, LOOP_NAME, MODEL_TARGET, 
 from pitstop.hil.plugin import Rig, RigImage
 from pitstop.hil.target import Target
 from pitstop.ota import devkeys
+from pitstop.ota.bundle_format import FS_IMAGE_CHUNKING
 from pitstop.ota.bundle_spec import BundleSpec, PayloadSpec
 from pitstop.ota.bundle_writer import create_bundle
 from pitstop.ota.signing import KeyFileSigner, Signer
@@ -244,7 +245,9 @@ class BundleMaker:
         out = self.work / name
         if not out.is_file():
             payload = PayloadSpec("rootfs", "rootfs", rootfs, "rootfs")
-            spec = BundleSpec(version, security_version, self.compatible, (payload,), created=self.when)
+            # The image's own chunking: the device's recorded index then seeds a delta install.
+            spec = BundleSpec(version, security_version, self.compatible, (payload,), created=self.when,
+                              chunking=FS_IMAGE_CHUNKING)
             create_bundle(spec, out.with_suffix(".tmp"), signer)
             out.with_suffix(".tmp").rename(out)
         return out

@@ -31,6 +31,7 @@ from pitstop.image.datafs import file_sha256
 from pitstop.image.errors import ImageBuildError
 from pitstop.image.progress import Stages
 from pitstop.image.recipe import Model, Recipe
+from pitstop.ota import bundle_format as fmt
 from pitstop.ota import devkeys
 from pitstop.ota.bundle_reader import Policy, open_verified, verify_payloads
 from pitstop.ota.bundle_spec import BundleSpec, PayloadSpec
@@ -167,6 +168,7 @@ def first_bundle(
         compatible=r.target.compatible,
         payloads=(PayloadSpec("rootfs", "rootfs", rootfs_image, "rootfs"),),
         description=f"{r.name} {r.bundle.version}: {r.description}".strip(),
+        chunking=fmt.FS_IMAGE_CHUNKING,
         created=datetime.fromtimestamp(epoch, UTC),
     )
     size = rootfs_image.stat().st_size

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 
 from pitstop.errors import InputError, UsageError
 from pitstop.ota import bundle_spec, devkeys
+from pitstop.ota.bundle_diff import diff_bundles
 from pitstop.ota.bundle_extract import extract_payload
 from pitstop.ota.bundle_reader import Policy, open_verified, read_preamble, verify_payloads
 from pitstop.ota.bundle_writer import create_bundle, sign_bundle, source_size
@@ -220,6 +221,41 @@ def cmd_extract(args: argparse.Namespace) -> int:
         extract_payload(f, vp.manifest, args.payload, args.output, progress=bar.update)
         bar.finish()
     print(f"extracted payload {p.name!r} ({p.type}, {human_size(p.size)}) to {args.output}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    with _open(args.old) as f:
+        old_rootfs = sum(p.size for p in read_preamble(f).manifest.payloads if p.type == "rootfs")
+    # Drawn only when OLD's rootfs has to be chunked again (other chunking than NEW's).
+    bar = Progress("diff", old_rootfs, enabled=not args.quiet and not args.json)
+    try:
+        d = diff_bundles(args.old, args.new, progress=bar.update)
+    except OSError as e:
+        raise InputError(f"cannot read {e.filename or 'a bundle'}: {e.strerror or e}") from None
+    if bar.done:
+        bar.finish()
+    if args.json:
+        print(json.dumps(d.to_json(), indent=2))
+        return 0
+    out = sys.stdout
+    out.write(f"{args.old} ({d.old_version}) -> {args.new} ({d.new_version}); signatures not checked\n")
+    for p in d.payloads:
+        line = f"  {p.name:<16} {p.type:<7} {human_size(p.size):>10}  "
+        if p.type == "rootfs":
+            where = {"index": "OLD's chunk index", "chunked": "OLD's rootfs, chunked again"}.get(p.seed, "nothing")
+            line += (
+                f"{p.reused_chunks} of {p.chunks} chunks ({human_size(p.reused_bytes)}) reused from {where}; "
+                f"download {human_size(p.download)} in {p.requests} request(s)"
+            )
+        else:
+            line += f"downloaded whole: {human_size(p.download)} in {p.requests} request(s)"
+        out.write(line + "\n")
+    share = d.download / d.new_size if d.new_size else 0.0
+    out.write(
+        f"download    {human_size(d.download)} of {human_size(d.new_size)} ({share:.1%}) in {d.requests} requests "
+        f"({d.download} bytes)\n"
+    )
     return 0
 
 

@@ -21,6 +21,10 @@ _HEADER = struct.Struct("<8sII4Q16s")
 CHUNK_MIN_DEFAULT = 16 * 1024
 CHUNK_AVG_DEFAULT = 64 * 1024
 CHUNK_MAX_DEFAULT = 256 * 1024
+# Bundles with a rootfs payload (a file system image): smaller chunks lose less around the places where the
+# image's layout moved between two builds, so a delta install downloads about a third of what casync's
+# default costs (docs/delta.md, "Chunking for file system images", benchmarks/delta.py).
+FS_IMAGE_CHUNKING = (4 * 1024, 16 * 1024, 64 * 1024)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +83,13 @@ def check_payload(where: str, name: str, ptype: str, source: Path, target: str |
     return PayloadSpec(name, ptype, source, target, description)
 
 
+def default_chunking(payloads: Sequence[PayloadSpec]) -> tuple[int, int, int]:
+    """Tuned for file system images when the bundle carries one (fmt.FS_IMAGE_CHUNKING), casync's otherwise."""
+    if any(p.type == "rootfs" for p in payloads):
+        return fmt.FS_IMAGE_CHUNKING
+    return fmt.CHUNK_MIN_DEFAULT, fmt.CHUNK_AVG_DEFAULT, fmt.CHUNK_MAX_DEFAULT
+
+
 def check_chunking(where: str, cmin: int, cavg: int, cmax: int) -> tuple[int, int, int]:
     if not (64 <= cmin <= cavg <= cmax <= fmt.DEFAULT_LIMITS.max_chunk_size) or cmin * 2 > cavg:
         raise SpecError(
@@ -134,12 +142,6 @@ def load_spec(path: Path) -> BundleSpec:
     bad = sorted(set(ch) - {"min", "avg", "max"})
     if bad:
         raise SpecError(f"{path}: [chunking] unknown key(s) {', '.join(bad)} (allowed: min, avg, max)")
-    chunking = check_chunking(
-        f"{path}: [chunking]",
-        _typed(f"{path}: [chunking]", ch, "min", int, fmt.CHUNK_MIN_DEFAULT),
-        _typed(f"{path}: [chunking]", ch, "avg", int, fmt.CHUNK_AVG_DEFAULT),
-        _typed(f"{path}: [chunking]", ch, "max", int, fmt.CHUNK_MAX_DEFAULT),
-    )
     comp = _typed(str(path), raw, "compression", dict, {})
     if set(comp) - {"level"}:
         raise SpecError(f"{path}: [compression] allows only 'level'")
@@ -169,6 +171,13 @@ def load_spec(path: Path) -> BundleSpec:
         payloads.append(check_payload(where, _typed(where, p, "name", str), ptype,
                                       base / _typed(where, p, "source", str), target, desc))
     _check_unique(str(path), payloads)
+    dmin, davg, dmax = default_chunking(payloads)
+    chunking = check_chunking(
+        f"{path}: [chunking]",
+        _typed(f"{path}: [chunking]", ch, "min", int, dmin),
+        _typed(f"{path}: [chunking]", ch, "avg", int, davg),
+        _typed(f"{path}: [chunking]", ch, "max", int, dmax),
+    )
     description = _typed(str(path), raw, "description", str, "")
     return BundleSpec(version, secver, compatible, tuple(payloads), description, chunking, level)
 
@@ -215,6 +224,5 @@ def spec_from_flags(version: str, security_version: int, compatible: str, payloa
     if not payloads:
         raise SpecError("give at least one --payload (or a spec file)")
     _check_unique("flags", payloads)
-    ch = check_chunking("--chunk-size", *chunking) if chunking else (
-        fmt.CHUNK_MIN_DEFAULT, fmt.CHUNK_AVG_DEFAULT, fmt.CHUNK_MAX_DEFAULT)
+    ch = check_chunking("--chunk-size", *chunking) if chunking else default_chunking(payloads)
     return BundleSpec(version, security_version, compatible, tuple(payloads), description, ch, zstd_level)

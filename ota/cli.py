@@ -103,6 +103,12 @@ def _register_bundle(parser: argparse.ArgumentParser) -> None:
     _add_policy_args(p)
     p.set_defaults(handler=handler(_COMMANDS, "cmd_extract"))
 
+    p = sub.add_parser("diff", help="what a device running OLD downloads to install NEW (delta over HTTP)")
+    p.add_argument("old", type=Path, help="the bundle the device runs")
+    p.add_argument("new", type=Path, help="the bundle it is to install")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=handler(_COMMANDS, "cmd_diff"))
+
     p = sub.add_parser("export-casync", help="write a payload's index as .caibx plus a casync chunk store")
     p.add_argument("bundle", type=Path)
     p.add_argument("payload", help="payload name")

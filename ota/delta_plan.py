@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pitstop.ota.caibx import ChunkIndex
 
-DEFAULT_MAX_GAP = 64 * 1024
+DEFAULT_MAX_GAP = 16 * 1024
 
 
 @dataclass(frozen=True)

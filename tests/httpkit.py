@@ -225,6 +225,7 @@ def _reset(conn: socket.socket) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as real servers: no delayed-ACK stall per small range response
     timeout = 10
     server: _Server
     cut = False

@@ -219,3 +219,19 @@ def test_model_file_may_not_be_named_like_its_description(spec_dir: Path, capsys
     r = run_cli(capsys, "bundle", "create", "--version", "1.0.0", "--security-version", "1", "--compatible", "x",
                 "--payload", f"model:m:{spec_dir / 'model.json'}", "-o", spec_dir / "x.pitb")
     assert r.rc == 19 and "model.json" in r.err, r.err
+
+
+def test_default_chunking_follows_the_payloads(spec_dir: Path) -> None:
+    """A bundle with a rootfs image gets the chunking tuned for file system images (docs/delta.md); one without
+    gets casync's; a [chunking] table that names some keys takes the others from that default."""
+    from pitstop.ota import bundle_format as fmt
+    from pitstop.ota.bundle_spec import load_spec, parse_payload_flag, spec_from_flags
+
+    rootfs = parse_payload_flag(f"rootfs:rootfs:{spec_dir / 'rootfs.img'}")
+    files = parse_payload_flag(f"files:cfg:{spec_dir / 'overlay'}:etc/cfg")
+    assert spec_from_flags("1.0.0", 1, "x", [rootfs, files]).chunking == fmt.FS_IMAGE_CHUNKING
+    casync = (fmt.CHUNK_MIN_DEFAULT, fmt.CHUNK_AVG_DEFAULT, fmt.CHUNK_MAX_DEFAULT)
+    assert spec_from_flags("1.0.0", 1, "x", [files]).chunking == casync
+    text = SPEC_OK.replace("min = 8192\navg = 32768\nmax = 131072\n", "max = 131072\n")
+    (spec_dir / "partial.toml").write_text(text)
+    assert load_spec(spec_dir / "partial.toml").chunking == (*fmt.FS_IMAGE_CHUNKING[:2], 131072)

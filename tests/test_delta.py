@@ -4,6 +4,7 @@ downloaded in few Range requests; the slot written is byte-identical to a full i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import subprocess
@@ -11,12 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from bundlekit import Keys, make_bundle, mixed_data, rootfs_payload
+from bundlekit import Keys, assert_refused, make_bundle, mixed_data, rootfs_payload, run_cli
 from devicekit import TestDevice, make_device
 from httpkit import Faults, FileServer
 
-from pitstop.ota import caibx, delta_plan, seed
+from pitstop.ota import bundle_diff, caibx, delta_plan, seed
 from pitstop.ota.bundle_reader import read_layout, read_preamble
+from pitstop.ota.bundle_spec import PayloadSpec
 from pitstop.ota.device import Device
 from pitstop.ota.http_source import HttpOptions
 from pitstop.ota.installer import Installer
@@ -203,3 +205,89 @@ def test_recorded_index_with_other_chunking_is_not_used(tmp_path: Path) -> None:
     (rec / "rootfs.caibx").write_bytes(caibx.encode(caibx.ChunkIndex(16384, 65536, 262144, (100,), (b"x" * 32,), 0)))
     assert seed.recorded_index(tmp_path, "a", p) is not None
     assert seed.recorded_index(tmp_path, "a", replace(p, chunking=(4096, 16384, 65536))) is None
+
+
+# --- pitstop bundle diff ---------------------------------------------------------------------------------------
+
+
+def test_bundle_diff_is_what_the_install_downloads(
+    tmp_path: Path, keys: Keys, versions: tuple[bytes, bytes, Path, Path]
+) -> None:
+    """A device that installed v1 (its index recorded) and runs it downloads, for v2, exactly the bytes and
+    requests that `bundle diff v1 v2` predicts."""
+    _, v2, b1, b2 = versions
+    dev = make_device(tmp_path / "dev", keys, slot_size=SLOT)
+    Installer(dev.config()).install(str(b1))
+    assert dev.reboot() == "b"
+    Device(dev.config()).mark_good()
+    with FileServer() as srv:
+        res = Installer(dev.config(), http=FAST).install(srv.add("v2.pitb", b2))
+        served, requests = srv.stats.body_bytes, srv.stats.requests
+    _slot_holds(dev, "a", v2)
+    d = bundle_diff.diff_bundles(b1, b2)
+    (p,) = d.payloads
+    assert (d.download, d.requests) == (served, requests)
+    assert p.seed == "index" and p.reused_bytes == res.bytes_seeded
+    assert d.new_size == b2.stat().st_size and (d.old_version, d.new_version) == ("1.0.0", "2.0.0")
+
+
+def test_bundle_diff_chunks_old_again_for_other_chunking(
+    tmp_path: Path, keys: Keys, versions: tuple[bytes, bytes, Path, Path]
+) -> None:
+    v1, v2, b1, _ = versions
+    b3 = make_bundle(
+        tmp_path / "v3.pitb",
+        [rootfs_payload(tmp_path / "v3.img", v2)],
+        keys,
+        version="3.0.0",
+        chunking=(8192, 32768, 131072),
+    )
+    d = bundle_diff.diff_bundles(b1, b3)
+    (p,) = d.payloads
+    assert p.seed == "chunked"
+    # What a device flashed with v1 (no record: it chunks its slot) downloads for v3.
+    dev = make_device(tmp_path / "dev", keys, slot_size=len(v1), slot_a=v1)
+    with FileServer() as srv:
+        res = Installer(dev.config(), http=FAST).install(srv.add("v3.pitb", b3))
+        served = srv.stats.body_bytes
+    assert served == d.download and res.bytes_seeded == p.reused_bytes
+    assert p.reused_bytes > SIZE * 0.8
+
+
+def test_bundle_diff_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], keys: Keys, versions: tuple[bytes, bytes, Path, Path]
+) -> None:
+    _, _, b1, b2 = versions
+    r = run_cli(capsys, "bundle", "diff", b1, b2)
+    assert r.rc == 0, r.err
+    assert "reused from OLD's chunk index" in r.out and "download " in r.out
+    r = run_cli(capsys, "bundle", "diff", "--json", b1, b2)
+    js = json.loads(r.out)
+    d = bundle_diff.diff_bundles(b1, b2)
+    assert js["download"] == d.download and js["payloads"][0]["reused_chunks"] == d.payloads[0].reused_chunks
+    # A model payload is downloaded whole: index and table, then its data.
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "app.conf").write_bytes(mixed_data(300_000, 9))
+    bm = make_bundle(tmp_path / "m.pitb", [PayloadSpec("config", "files", files, "etc/app")], keys, version="4.0.0")
+    dm = bundle_diff.diff_bundles(b1, bm)
+    (pm,) = dm.payloads
+    assert pm.reused_chunks == 0 and pm.requests == 2 and dm.download == bm.stat().st_size
+    # Bad input: one line, its exit code.
+    torn = tmp_path / "torn.pitb"
+    torn.write_bytes(b2.read_bytes()[:100])
+    assert_refused(run_cli(capsys, "bundle", "diff", b1, torn), 10)
+    assert_refused(run_cli(capsys, "bundle", "diff", b1, tmp_path / "missing.pitb"), 4)
+
+
+def test_no_delta_flag_reads_the_whole_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], keys: Keys, versions: tuple[bytes, bytes, Path, Path]
+) -> None:
+    v1, v2, _, b2 = versions
+    dev = make_device(tmp_path / "dev", keys, slot_size=SLOT, slot_a=v1)
+    with FileServer() as srv:
+        url = srv.add("v2.pitb", b2)
+        r = run_cli(capsys, "-q", "install", "--config", dev.config_path, "--no-delta", url)
+        assert r.rc == 0, r.err
+        assert srv.stats.requests == 1 and srv.stats.body_bytes == b2.stat().st_size
+    _slot_holds(dev, "b", v2)

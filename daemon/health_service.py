@@ -29,7 +29,8 @@ class HealthService:
     def __init__(self, cfg: DaemonConfig, core: DaemonCore, loop_figures: LoopFigures | None = None) -> None:
         self.core = core
         self.sampler = HealthSampler(cfg.health.partitions)
-        self.sampler.add_source("gpu", gpu_source())
+        self._gpu = gpu_source()
+        self.sampler.add_source("gpu", self._gpu)
         if loop_figures is not None:
             figures = loop_figures
             self.sampler.add_source(
@@ -82,3 +83,7 @@ class HealthService:
             await self.prom.aclose()
         if self.spool is not None:
             self.spool.close()
+        # A Jetson's source keeps a tegrastats child: stop it with the daemon, not at interpreter exit.
+        close = getattr(self._gpu, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)

@@ -94,6 +94,7 @@ class UpdateConfig:
     gate_required_units: tuple[str, ...] = ()
     gate_throughput_fraction: float = 0.8  # each loop must reach this fraction of its pre-update throughput
     gate_hold_s: float = 15.0  # how long every check must hold without a break before the gate passes
+    delta: bool = True  # over HTTP(S), copy the rootfs chunks the booted slot holds (docs/delta.md)
 
 
 @dataclass(frozen=True)
@@ -794,6 +795,14 @@ UPDATE = Table(
             "Seconds every gate check must hold without a break before the gate passes (a loop that starts "
             "and then crashes does not pass).",
             15.0,
+        ),
+        Setting(
+            "delta",
+            Flag(),
+            "Delta installs: over HTTP(S), copy the rootfs chunks the booted slot already holds and download only "
+            "the others (docs/delta.md); `false` downloads whole bundles. Also for `Install` of a URL over D-Bus.",
+            True,
+            live=False,
         ),
     ),
     "The update agent (hawkBit DDI client) and the health gate that commits or rolls back an update.",

@@ -115,6 +115,7 @@ class DaemonCore:
         reboot: Callable[[], None] | None = None,
         installer: Installer | None = None,
         http: HttpOptions | None = None,
+        delta: bool = True,
     ) -> None:
         self.system = system
         self.device = device or Device(system)
@@ -123,6 +124,7 @@ class DaemonCore:
         self._reboot = reboot
         self._installer = installer or self._ota_install
         self.http = http  # TLS and auth for http(s) sources given to Install
+        self.delta = delta  # [update] delta: reuse the booted slot's chunks over HTTP(S)
         self.flow: UpdateFlow | None = None  # set by the daemon once its update agent runs
         self.events: Events = NoEvents()
         self.state = UpdateState.IDLE
@@ -259,7 +261,7 @@ class DaemonCore:
         def on_progress(ev: InstallProgress) -> None:
             progress(ev.phase, ev.done, ev.total)
 
-        result = OtaInstaller(self.system, http=http, progress=on_progress).install(source)
+        result = OtaInstaller(self.system, http=http, progress=on_progress, delta=self.delta).install(source)
         return result.manifest.version
 
     async def mark_good(self) -> str:

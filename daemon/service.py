@@ -111,7 +111,7 @@ async def serve_forever(opts: Options) -> int:
     journal.setup_logging(cfg.log_level)
     bus = await connect(cfg, opts.bus_address)
     loops = Supervisor(cfg.loops, cache_dir=system.data_dir / "pitstop" / "engines")
-    core = DaemonCore(system, loops=loops, reboot=opts.reboot or systemctl_reboot)
+    core = DaemonCore(system, loops=loops, reboot=opts.reboot or systemctl_reboot, delta=cfg.update.delta)
     health = HealthService(cfg, core, loop_figures=lambda: _figures(loops))
     core.health_source = health.summary
     obj, events = serve(bus, core, control_group=cfg.control_group)

@@ -658,6 +658,7 @@ def test_as_dict_of_the_defaults() -> None:
             "gate_required_units": [],
             "gate_throughput_fraction": 0.8,
             "gate_hold_s": 15.0,
+            "delta": True,
         },
         "loop": [],
     }

@@ -291,3 +291,30 @@ def test_no_delta_flag_reads_the_whole_bundle(
         assert r.rc == 0, r.err
         assert srv.stats.requests == 1 and srv.stats.body_bytes == b2.stat().st_size
     _slot_holds(dev, "b", v2)
+
+
+@pytest.mark.parametrize("delta", [True, False])
+def test_daemon_core_follows_update_delta(
+    tmp_path: Path, keys: Keys, versions: tuple[bytes, bytes, Path, Path], delta: bool
+) -> None:
+    """[update] delta reaches the daemon's installs: on, the bundle is read by ranges; off, once, whole."""
+    import asyncio
+
+    from pitstop.daemon.core import DaemonCore
+
+    v1, v2, _, b2 = versions
+    dev = make_device(tmp_path / "dev", keys, slot_size=SLOT, slot_a=v1)
+    with FileServer() as srv:
+        url = srv.add("v2.pitb", b2)
+
+        async def main() -> bool:
+            core = DaemonCore(dev.config(), reboot=lambda: None, http=FAST, delta=delta)
+            return (await core.install(url)).ok
+
+        assert asyncio.run(main())
+        size = b2.stat().st_size
+        if delta:
+            assert srv.stats.requests > 1 and srv.stats.body_bytes < size * 0.3
+        else:
+            assert srv.stats.requests == 1 and srv.stats.body_bytes == size
+    _slot_holds(dev, "b", v2)

@@ -1,8 +1,9 @@
 """Bootloader backends behind one interface: read and write the boot configuration (`BootEnv`).
 
 GRUB keeps `ORDER`, `<slot>_OK` and `<slot>_TRY` in `grubenv` on the ESP (docs/grub.md); U-Boot keeps the
-same variables in its environment through `fw_printenv`/`fw_setenv`. Slots are named as in system.toml;
-the environment uses each slot's boot name.
+same variables in its environment through `fw_printenv`/`fw_setenv`; a Jetson's UEFI keeps its own boot
+state, read and changed through `nvbootctrl -t rootfs` (ota/nvbootctrl.py, docs/jetson.md). Slots are named
+as in system.toml; the bootloader uses each slot's boot name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pitstop import crashpoint
 from pitstop.atomic import atomic_file
 from pitstop.ota import grubenv
 from pitstop.ota.errors import BootEnvError
+from pitstop.ota.nvbootctrl import NvbootctrlBackend
 from pitstop.ota.slot_state import BootEnv
 from pitstop.ota.system_config import SystemConfig
 from pitstop.runner import run
@@ -125,4 +127,6 @@ def backend(cfg: SystemConfig) -> Bootloader:
     if bl.backend == "grub":
         assert bl.grubenv is not None
         return GrubEnvBackend(bl.grubenv, slot_names)
+    if bl.backend == "nvbootctrl":
+        return NvbootctrlBackend(bl.nvbootctrl, slot_names)
     return UBootEnvBackend(bl.fw_printenv, bl.fw_setenv, slot_names)

@@ -178,7 +178,10 @@ def begin_install(env: BootEnv, rec: Record, booted: str | None) -> tuple[str, B
     if rec.pending == booted:
         raise StateError(f"slot {booted} runs an update that is not committed yet: mark-good or mark-bad first")
     target = _other(rec, booted)
-    if env.bootable(target) and not env.bootable(booted):
+    # The record counts too: a bootloader that cannot clear a slot's OK flag (nvbootctrl) still shows a running
+    # slot marked bad as bootable.
+    running_ok = env.bootable(booted) and rec.slots[booted].content not in (Content.WRITING, Content.BAD)
+    if env.bootable(target) and not running_ok:
         raise StateError(f"slot {booted} is not bootable and {target} is the only slot that is: installing would "
                          f"overwrite it; reboot into {target} first")
     if env.next_boot() != booted or env.ok.get(target, False):  # (no next boot: GRUB's default ORDER is "a b")

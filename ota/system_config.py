@@ -13,9 +13,12 @@ from pitstop.ota.clock import ClockPolicy
 from pitstop.ota.manifest import COMPATIBLE_RE
 
 DEFAULT_PATH = Path("/etc/pitstop/system.toml")
-BACKENDS = ("grub", "uboot")
+BACKENDS = ("grub", "uboot", "nvbootctrl")
 GRUB_BOOT_NAMES = frozenset({"a", "b"})
+# nvbootctrl names the rootfs slots A/B in its output and 0/1 in its arguments; either pair is accepted.
+NVBOOTCTRL_BOOT_NAMES = (frozenset({"A", "B"}), frozenset({"0", "1"}))
 MAX_TRIES = 9  # the GRUB script counts down with an if-chain of single digits
+NVBOOTCTRL_MAX_TRIES = 3  # ROOTFS_RETRY_COUNT_MAX is 1..3 on Jetson; UEFI counts, not pitstop
 
 
 class ConfigError(PitstopError, ValueError):
@@ -38,6 +41,7 @@ class BootloaderConfig:
     grubenv: Path | None = None
     fw_printenv: str = "fw_printenv"
     fw_setenv: str = "fw_setenv"
+    nvbootctrl: str = "nvbootctrl"
 
 
 @dataclass(frozen=True)
@@ -122,13 +126,23 @@ def _bootloader(raw: Any, where: str) -> BootloaderConfig:
         raise ConfigError(f"{w}: backend must be one of {', '.join(BACKENDS)}")
     if not 1 <= tries <= MAX_TRIES:
         raise ConfigError(f"{w}: tries must be 1..{MAX_TRIES}")
+    if backend == "nvbootctrl" and tries > NVBOOTCTRL_MAX_TRIES:
+        raise ConfigError(
+            f"{w}: with the nvbootctrl backend tries must be 1..{NVBOOTCTRL_MAX_TRIES} "
+            "(the ROOTFS_RETRY_COUNT_MAX the device was flashed with)"
+        )
     grubenv = None
     if backend == "grub":
         grubenv = Path(_take(t, "grubenv", str, w, "/boot/efi/EFI/BOOT/grubenv"))
+    nvbootctrl = "nvbootctrl"
+    if backend == "nvbootctrl":
+        nvbootctrl = _take(t, "nvbootctrl", str, w, nvbootctrl)
+        if not nvbootctrl.strip():
+            raise ConfigError(f"{w}: nvbootctrl must name a command")
     fw_printenv = _take(t, "fw_printenv", str, w, "fw_printenv")
     fw_setenv = _take(t, "fw_setenv", str, w, "fw_setenv")
     _no_extra(t, w)
-    return BootloaderConfig(backend, tries, grubenv, fw_printenv, fw_setenv)
+    return BootloaderConfig(backend, tries, grubenv, fw_printenv, fw_setenv, nvbootctrl)
 
 
 def parse(text: str, path: Path) -> SystemConfig:
@@ -159,10 +173,27 @@ def parse(text: str, path: Path) -> SystemConfig:
     if booted != "auto" and booted not in {s.name for s in slots}:
         raise ConfigError(f"{where}: booted_slot {booted!r} is not a slot name (or 'auto')")
     if bootloader.backend == "grub" and {s.boot_name for s in slots} != GRUB_BOOT_NAMES:
-        raise ConfigError(f"{where}: with the grub backend the slots' boot names must be 'a' and 'b' "
-                          "(the names ota/grub/grub.cfg knows)")
-    return SystemConfig(path, compatible, data_dir, keyring, clock, bootloader, slots,
-                        None if booted == "auto" else booted, cmdline, boot_id)
+        raise ConfigError(
+            f"{where}: with the grub backend the slots' boot names must be 'a' and 'b' "
+            "(the names ota/grub/grub.cfg knows)"
+        )
+    if bootloader.backend == "nvbootctrl" and {s.boot_name for s in slots} not in NVBOOTCTRL_BOOT_NAMES:
+        raise ConfigError(
+            f"{where}: with the nvbootctrl backend the slots' boot names must be 'A' and 'B' "
+            "(or '0' and '1'), the names nvbootctrl gives the rootfs slots"
+        )
+    return SystemConfig(
+        path,
+        compatible,
+        data_dir,
+        keyring,
+        clock,
+        bootloader,
+        slots,
+        None if booted == "auto" else booted,
+        cmdline,
+        boot_id,
+    )
 
 
 def default_path() -> Path:

@@ -55,6 +55,7 @@ class DeviceState:
             "slots": {s: {"content": v.content.value, "bundle": v.bundle} for s, v in sorted(r.slots.items())},
             "pending": r.pending,
             "activated_boot": r.activated_boot,
+            "switch_from": list(r.switch_from) if r.switch_from is not None else None,
             "committed_security_version": r.committed_security_version,
             "time_floor": format_time(self.time_floor) if self.time_floor else None,
             "payloads": {t: v.to_json() for t, v in sorted(self.payloads.items())},
@@ -67,6 +68,14 @@ def _opt_str(v: Any) -> str | None:
     if v is not None and not isinstance(v, str):
         raise ValueError("expected a string or null")
     return v
+
+
+def _switch_from(v: Any) -> tuple[bool, int] | None:
+    if v is None:
+        return None  # also a state file written before this field existed
+    if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], bool) and type(v[1]) is int and v[1] >= 0):
+        raise ValueError("switch_from must be [ok, tries] or null")
+    return v[0], v[1]
 
 
 def from_json(d: Any, slots: tuple[str, str]) -> DeviceState:
@@ -86,7 +95,7 @@ def from_json(d: Any, slots: tuple[str, str]) -> DeviceState:
         raise ValueError("committed_security_version must be a non-negative integer")
     payloads = {str(t): Versions(_opt_str(v["current"]), _opt_str(v["previous"]), _opt_str(v["pending"]))
                 for t, v in dict(d["payloads"]).items()}
-    record = Record(recs, pending, _opt_str(d["activated_boot"]), csv)
+    record = Record(recs, pending, _opt_str(d["activated_boot"]), csv, _switch_from(d.get("switch_from")))
     pb = d.get("pending_bundle")
     if pb is not None and not isinstance(pb, dict):
         raise ValueError("pending_bundle must be an object or null")

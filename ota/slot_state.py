@@ -75,6 +75,10 @@ class Record:
     pending: str | None = None           # slot whose install awaits commit
     activated_boot: str | None = None    # boot id when the pending slot was activated
     committed_security_version: int = 0
+    # The pending slot's (OK flag, tries) before its activation's boot switch: the same values after a reboot,
+    # with the slot still not primary, mean the switch never landed (nothing but the switch and booting the
+    # slot changes them), not that the slot was tried and failed.
+    switch_from: tuple[bool, int] | None = None
 
 
 def initial_record(env: BootEnv, slots: tuple[str, str]) -> Record:
@@ -137,6 +141,8 @@ def phase(env: BootEnv, rec: Record, booted: str | None, boot_id: str | None) ->
     # Activated earlier; we are not running it. Still primary with tries and no reboot since: waiting.
     # Anything else (tries spent, a reboot that landed elsewhere, flags cleared) means it was tried and failed.
     switched = env.primary == p and env.bootable(p)
+    if not switched and env.primary != p and rec.switch_from == (env.ok.get(p, False), env.tries.get(p, 0)):
+        return Phase.INSTALLED  # the boot switch never landed (power failed between record and switch)
     if boot_id == rec.activated_boot:
         if not switched:
             return Phase.INSTALLED  # the boot switch never landed (power failed between record and switch)
@@ -187,7 +193,7 @@ def begin_install(env: BootEnv, rec: Record, booted: str | None) -> tuple[str, B
     if env.next_boot() != booted or env.ok.get(target, False):  # (no next boot: GRUB's default ORDER is "a b")
         env = BootEnv((booted, target), {**env.ok, target: False}, {**env.tries, target: 0})
     slots = {**rec.slots, target: SlotRecord(Content.WRITING)}
-    return target, env, replace(rec, slots=slots, pending=None, activated_boot=None)
+    return target, env, replace(rec, slots=slots, pending=None, activated_boot=None, switch_from=None)
 
 
 def finish_install(rec: Record, target: str, bundle: dict[str, Any]) -> Record:
@@ -195,7 +201,7 @@ def finish_install(rec: Record, target: str, bundle: dict[str, Any]) -> Record:
     if rec.slots.get(target, SlotRecord()).content != Content.WRITING:
         raise StateError(f"slot {target} is not being written")
     slots = {**rec.slots, target: SlotRecord(Content.INSTALLED, dict(bundle))}
-    return replace(rec, slots=slots, pending=target, activated_boot=None)
+    return replace(rec, slots=slots, pending=target, activated_boot=None, switch_from=None)
 
 
 def activate(env: BootEnv, rec: Record, target: str, tries: int, boot_id: str) -> tuple[BootEnv, Record]:
@@ -214,7 +220,8 @@ def activate(env: BootEnv, rec: Record, target: str, tries: int, boot_id: str) -
         new_ok[old], new_tries[old] = False, 0  # a stale OK flag: never a fallback
     elif env.ok.get(old, False):
         new_tries[old] = max(env.tries.get(old, 0), tries)
-    return BootEnv((target, old), new_ok, new_tries), replace(rec, activated_boot=boot_id)
+    before = None if env.primary == target else (env.ok.get(target, False), env.tries.get(target, 0))
+    return BootEnv((target, old), new_ok, new_tries), replace(rec, activated_boot=boot_id, switch_from=before)
 
 
 def mark_good(env: BootEnv, rec: Record, booted: str | None, tries: int,
@@ -269,5 +276,6 @@ def mark_bad(env: BootEnv, rec: Record, booted: str | None, slot: str) -> tuple[
     slots = {**rec.slots, slot: replace(rec.slots[slot], content=Content.BAD)}
     pending = None if rec.pending == slot else rec.pending
     activated_boot = rec.activated_boot if pending else None
+    switch_from = rec.switch_from if pending else None
     env2 = BootEnv((other, slot), {**env.ok, slot: False}, {**env.tries, slot: 0})
-    return env2, replace(rec, slots=slots, pending=pending, activated_boot=activated_boot)
+    return env2, replace(rec, slots=slots, pending=pending, activated_boot=activated_boot, switch_from=switch_from)

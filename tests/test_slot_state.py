@@ -200,8 +200,12 @@ def test_activate_every_state() -> None:
         else:
             assert env2.ok[old] == env.ok[old]
             assert env2.tries[old] == (max(env.tries[old], N) if env.ok[old] else env.tries[old])
-        assert rec2 == replace(rec, activated_boot=boot_id)
+        before = None if env.primary == target else (env.ok[target], env.tries[target])
+        assert rec2 == replace(rec, activated_boot=boot_id, switch_from=before)
         assert ss.phase(env2, rec2, old, boot_id) == Phase.ACTIVATED
+        # A power cut between the record and the boot switch: after the reboot, still only installed.
+        if before is not None:
+            assert ss.phase(env, rec2, old, "boot-3") == Phase.INSTALLED
         assert ss.phase(env2, rec2, target, "boot-3") == Phase.TRIAL
 
 
@@ -346,6 +350,8 @@ def test_each_documented_phase() -> None:
     assert ss.phase(env, rec, "a", "boot-1") == Phase.INSTALLED  # written, not switched (--no-activate)
     env_on, rec_on = ss.activate(env, rec, target, N, "boot-1")
     assert ss.phase(env, rec_on, "a", "boot-1") == Phase.INSTALLED  # recorded, but the switch never landed
+    _, env_a = env.after_boot()  # ... and the power failed there: the next boot is a again
+    assert ss.phase(env_a, rec_on, "a", "boot-2") == Phase.INSTALLED
     assert ss.phase(env_on, rec_on, "a", "boot-1") == Phase.ACTIVATED
     picked, env_b = env_on.after_boot()
     assert picked == "b" and ss.phase(env_b, rec_on, "b", "boot-2") == Phase.TRIAL

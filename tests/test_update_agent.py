@@ -499,7 +499,8 @@ def drive(dev: TestDevice, srv: HawkbitTarget, marker: Path, *, crash: str | Non
 
 KILLS = [(1, "agent.saved:1", None), (1, "agent.saved:2", None), (2, "agent.saved:1", None),
          (2, "agent.saved:2", None), (2, "agent.saved:3", None), (1, None, 0.4), (1, None, 0.8), (1, None, 1.2),
-         (2, None, 0.5)]  # fmt: skip
+         (2, None, 0.5), (1, "activate:1", None)]  # fmt: skip
+# (1, "activate:1"): between the record of the activation and the boot switch, the window a timed kill once hit.
 
 
 @pytest.mark.parametrize(("at_boot", "crash", "kill_after"), KILLS)

@@ -201,7 +201,7 @@ def build(req: Request, stages: Stages) -> Result:
     with tempfile.TemporaryDirectory(prefix=".pitstop-build-", dir=req.output) as tmpdir:
         work = Path(tmpdir)
         with stages.step("wheels", "pitstop's wheel and its dependencies'"):
-            wheels = rootfs.wheelhouse(req.source, work / "wheels", cache)
+            wheels = rootfs.wheelhouse(req.source, work / "wheels", cache, arch=r.target.arch)
         python = python_packages(wheels)
         rootfs_tmp = work / "rootfs.ext4"
         with stages.step("rootfs", "base (mmdebstrap), system (accounts, pitstop), overlay, ext4") as st:
@@ -226,10 +226,18 @@ def build(req: Request, stages: Stages) -> Result:
                     r, rootfs_tmp, work / outs.bundle.name, keys, req.epoch, stages, source=outs.bundle
                 )
                 os.replace(work / outs.bundle.name, outs.bundle)
+        grub_modules = built.grub_modules(r.target.arch)  # arm64: from the image's tree (image/esp.py)
         with stages.step("disk", f"{outs.disk.name}: ESP, slot a, data"):
             disk_tmp = work / outs.disk.name
             parts = disk.build_disk(
-                r, rootfs_tmp, disk_tmp, work / "disk", epoch=req.epoch, slot_a_bundle=slot_a, progress=stages.bars
+                r,
+                rootfs_tmp,
+                disk_tmp,
+                work / "disk",
+                epoch=req.epoch,
+                slot_a_bundle=slot_a,
+                progress=stages.bars,
+                grub_modules=grub_modules,
             )
             bm = bmaps.create(disk_tmp, progress=stages.bars)
             stages.end_bars()

@@ -119,8 +119,10 @@ class DiskParts:
     state: DeviceState
 
 
-def build_esp(recipe: Recipe, layout: Layout, workdir: Path, *, epoch: int) -> Path:
-    efi = esp.build_grub_efi(workdir / "grub.efi", workdir, epoch=epoch, arch=recipe.target.arch)
+def build_esp(recipe: Recipe, layout: Layout, workdir: Path, *, epoch: int, grub_modules: Path | None = None) -> Path:
+    efi = esp.build_grub_efi(
+        workdir / "grub.efi", workdir, epoch=epoch, arch=recipe.target.arch, modules_dir=grub_modules
+    )
     files = esp.esp_files(
         layout, efi=efi, cmdline=recipe.boot.cmdline, tries=recipe.boot.tries, arch=recipe.target.arch
     )
@@ -174,9 +176,11 @@ def build_disk(
     epoch: int | None = None,
     slot_a_bundle: dict[str, Any] | None = None,
     progress: sparse.ProgressFactory = sparse.no_progress,
+    grub_modules: Path | None = None,
 ) -> DiskParts:
     """The disk image of `recipe` at `out`, with `rootfs` (an ext4 image) in slot a. Intermediate images stay
-    in `workdir` (the ESP and data images; the caller may keep or delete them)."""
+    in `workdir` (the ESP and data images; the caller may keep or delete them). `grub_modules`: GRUB's modules
+    from the image's own rootfs (arm64: the build host cannot install them), else the build host's."""
     epoch = epoch_now() if epoch is None else epoch
     layout = recipe.layout()
     slot = layout.part("rootfs_a")
@@ -187,7 +191,7 @@ def build_disk(
             f"({slot.size} bytes, partitions.rootfs in the recipe)"
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    esp_image = build_esp(recipe, layout, workdir, epoch=epoch)
+    esp_image = build_esp(recipe, layout, workdir, epoch=epoch, grub_modules=grub_modules)
     data_image, state = build_data(recipe, layout, workdir, epoch=epoch, slot_a_bundle=slot_a_bundle)
     assemble(out, layout, {"esp": esp_image, "rootfs_a": rootfs, "data": data_image}, progress=progress)
     return DiskParts(layout, esp_image, data_image, rootfs, state)

@@ -3,10 +3,11 @@ without mounting (`mkfs.vfat` + mtools). docs/grub.md is the contract.
 
 On the ESP:
 
-- `EFI/BOOT/BOOTX64.EFI`: GRUB with `ota/grub/embedded.cfg` in its memdisk. Built like `grub-mkstandalone`
-  does (a memdisk tar of the config and the modules, then `grub-mkimage`), except that the tar is written here
-  with fixed times and owners: grub-mkstandalone stamps each member with the time it copied it, so its output
-  differs on every run.
+- `EFI/BOOT/BOOTX64.EFI` (x86_64) or `EFI/BOOT/BOOTAA64.EFI` (arm64, its modules taken from the image's
+  rootfs: an amd64 host cannot install them): GRUB with `ota/grub/embedded.cfg` in its memdisk. Built like
+  `grub-mkstandalone` does (a memdisk tar of the config and the modules, then `grub-mkimage`), except that the
+  tar is written here with fixed times and owners: grub-mkstandalone stamps each member with the time it copied
+  it, so its output differs on every run.
 - `EFI/BOOT/grub.cfg`: `ota/grub/grub.cfg`, unchanged.
 - `EFI/BOOT/pitstop-platform.cfg`: this image's slot partitions, `root=PARTUUID=…` and kernel arguments.
 - `EFI/BOOT/grubenv`: 1024 bytes, slot a the only bootable slot, written by ota's grubenv code.
@@ -17,6 +18,7 @@ Reproducible: `mkfs.vfat --invariant` with a fixed volume id; mtools stamps file
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 from collections.abc import Mapping
@@ -57,12 +59,28 @@ GRUB_MODULES = (
 class GrubTarget:
     platform: str  # grub-mkimage -O
     binary: str  # the removable-media path's file name
-    modules_dir: Path
+    modules_dir: Path  # the build host's, where its package installs them
+    package: str  # the Debian package with the modules
 
 
 GRUB_TARGETS = {
-    "x86_64": GrubTarget("x86_64-efi", "BOOTX64.EFI", Path("/usr/lib/grub/x86_64-efi")),
+    "x86_64": GrubTarget("x86_64-efi", "BOOTX64.EFI", Path("/usr/lib/grub/x86_64-efi"), "grub-efi-amd64-bin"),
+    # An amd64 host cannot install grub-efi-arm64-bin: the image builder takes the modules from the image's own
+    # rootfs (image/rootfs.py ARCH_PACKAGES), passed as `modules_dir`. The host's grub-mkimage (grub-common) makes
+    # the binary for any platform from modules of the same GRUB release.
+    "arm64": GrubTarget("arm64-efi", "BOOTAA64.EFI", Path("/usr/lib/grub/arm64-efi"), "grub-efi-arm64-bin"),
 }
+
+
+def grub_target(arch: str, modules_dir: Path | None = None) -> GrubTarget:
+    """The GRUB platform of `arch` (a recipe's target.arch); `modules_dir` (the image's rootfs'
+    usr/lib/grub/<platform>) replaces the build host's modules directory."""
+    target = GRUB_TARGETS.get(arch)
+    if target is None:
+        raise ImageBuildError(f"no UEFI GRUB platform known for {arch} (known: {', '.join(sorted(GRUB_TARGETS))})")
+    return target if modules_dir is None else dataclasses.replace(target, modules_dir=modules_dir)
+
+
 # grub-mkstandalone puts these module lists beside the modules; GRUB reads them to auto-load modules.
 _LISTS = (
     "moddep.lst",
@@ -113,7 +131,7 @@ def memdisk_tar(target: GrubTarget, embedded_cfg: bytes, epoch: int) -> bytes:
         members += [(f"boot/grub/{target.platform}/{n}", (d / n).read_bytes()) for n in sorted(names)]
     except OSError as e:
         raise ImageBuildError(
-            f"GRUB modules for {target.platform} missing in {d} (apt package grub-efi-amd64-bin): {e}"
+            f"GRUB modules for {target.platform} missing in {d} (Debian package {target.package}): {e}"
         ) from None
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -124,31 +142,37 @@ def memdisk_tar(target: GrubTarget, embedded_cfg: bytes, epoch: int) -> bytes:
     return buf.getvalue()
 
 
-def build_grub_efi(out: Path, workdir: Path, *, epoch: int, arch: str = "x86_64") -> Path:
-    """The standalone GRUB EFI binary with the project's embedded.cfg; the same bytes for the same GRUB."""
-    target = GRUB_TARGETS[arch]
+def build_grub_efi(
+    out: Path, workdir: Path, *, epoch: int, arch: str = "x86_64", modules_dir: Path | None = None
+) -> Path:
+    """The standalone GRUB EFI binary with the project's embedded.cfg; the same bytes for the same GRUB.
+    `modules_dir`: GRUB's modules for `arch` from elsewhere than the build host (grub_target)."""
+    target = grub_target(arch, modules_dir)
     tar = workdir / "memdisk.tar"
     tar.write_bytes(memdisk_tar(target, project_grub_file("embedded.cfg"), epoch))
-    run(
-        [
-            "grub-mkimage",
-            "-O",
-            target.platform,
-            "-o",
-            out,
-            "-d",
-            target.modules_dir,
-            "-m",
-            tar,
-            "-p",
-            "(memdisk)/boot/grub",
-            "memdisk",
-            "tar",
-            *GRUB_MODULES,
-        ]
-    )
+    run(grub_mkimage_argv(target, out, tar))
     tar.unlink()
     return out
+
+
+def grub_mkimage_argv(target: GrubTarget, out: Path, memdisk: Path) -> list[str]:
+    """grub-mkimage's command line: what grub-mkstandalone runs, with our reproducible memdisk tar."""
+    return [
+        "grub-mkimage",
+        "-O",
+        target.platform,
+        "-o",
+        str(out),
+        "-d",
+        str(target.modules_dir),
+        "-m",
+        str(memdisk),
+        "-p",
+        "(memdisk)/boot/grub",
+        "memdisk",
+        "tar",
+        *GRUB_MODULES,
+    ]
 
 
 def platform_cfg(layout: Layout, cmdline: str) -> str:
@@ -199,7 +223,7 @@ def make_vfat(
 def esp_files(layout: Layout, *, efi: Path, cmdline: str, tries: int, arch: str = "x86_64") -> dict[str, bytes]:
     """Everything the ESP holds, by path."""
     return {
-        f"{EFI_DIR}/{GRUB_TARGETS[arch].binary}": efi.read_bytes(),
+        f"{EFI_DIR}/{grub_target(arch).binary}": efi.read_bytes(),
         GRUB_CFG: project_grub_file("grub.cfg"),
         PLATFORM_CFG: platform_cfg(layout, cmdline).encode(),
         GRUBENV: initial_grubenv(tries),

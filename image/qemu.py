@@ -36,6 +36,20 @@ FIRMWARE = {
 }
 
 
+# A recipe's target.arch -> QEMU's name for it (FIRMWARE's keys, `pitstop image boot --arch`).
+QEMU_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
+# The CPU QEMU emulates under TCG. x86_64: `max`, as TCG's default lacks x86-64-v2 instructions that NumPy's
+# wheels need. aarch64: a Cortex-A57 (ARMv8.0, enough for Debian's arm64 and the aarch64 wheels; proven in
+# notes/qemu-ab-image.md): `max` adds pointer authentication, whose architected algorithm QEMU's documentation
+# calls expensive to emulate.
+TCG_CPU = {"x86_64": "max", "aarch64": "cortex-a57"}
+
+
+def qemu_arch(arch: str) -> str:
+    """QEMU's name for `arch`, given as a recipe's target.arch (arm64) or as QEMU's own (aarch64)."""
+    return QEMU_ARCH.get(arch, arch)
+
+
 # The user-mode network's ids: the HIL rig pulls the virtual cable with QMP `set_link` on the NIC (hil/qemu_target.py).
 NETDEV_ID = "net0"
 NIC_ID = "nic0"
@@ -76,7 +90,7 @@ def vars_copy(arch: str, dest: Path) -> Path:
 
 
 def firmware(arch: str) -> Firmware:
-    fw = FIRMWARE.get(arch)
+    fw = FIRMWARE.get(qemu_arch(arch))
     if fw is None:
         raise InputError(f"no QEMU firmware known for {arch}")
     for p in (fw.code, fw.vars):
@@ -87,11 +101,12 @@ def firmware(arch: str) -> Firmware:
 
 def argv(image: Path, nvram: Path, opts: BootOptions = BootOptions()) -> list[str]:
     """QEMU's command line for `image` (raw disk) with the serial console on stdio."""
-    fw = FIRMWARE[opts.arch]
-    kvm = kvm_usable(opts.arch) if opts.kvm is None else opts.kvm
+    arch = qemu_arch(opts.arch)
+    fw = FIRMWARE[arch]
+    kvm = kvm_usable(arch) if opts.kvm is None else opts.kvm
     cmd = [fw.qemu, "-machine", fw.machine, "-accel", "kvm" if kvm else "tcg"]
-    # TCG's default CPU lacks x86-64-v2 instructions that NumPy's wheels need.
-    cmd += ["-cpu", "host" if kvm else "max", "-m", str(opts.memory_mib), "-smp", str(opts.cpus), "-nographic"]
+    cpu = "host" if kvm else TCG_CPU.get(arch, "max")
+    cmd += ["-cpu", cpu, "-m", str(opts.memory_mib), "-smp", str(opts.cpus), "-nographic"]
     cmd += [
         "-drive", f"if=pflash,format=raw,readonly=on,file={fw.code}",
         "-drive", f"if=pflash,format=raw,file={nvram}",

@@ -509,8 +509,9 @@ TARGET = Table(
     (
         Setting(
             "arch",
-            Text(allowed=("x86_64",)),
-            "CPU architecture of the device (arm64 comes with the Jetson target).",
+            Text(allowed=("x86_64", "arm64")),
+            "CPU architecture of the device: `x86_64`, or `arm64` (64-bit ARM with UEFI: QEMU's virt machine, "
+            'arm64 servers and boards; built on an x86_64 host through qemu-user, docs/image.md "arm64").',
             "x86_64",
         ),
         Setting(
@@ -574,7 +575,8 @@ PACKAGES = Table(
             ListOf(Text("a Debian package name, optionally =VERSION", _PACKAGE_PATTERN)),
             "Debian packages installed on top of the minimal base. Always installed too: initramfs-tools, "
             "systemd, systemd-sysv, udev, dbus, e2fsprogs, dosfstools, python3, python3-venv, and the "
-            "architecture's kernel (`linux-image-amd64`) unless a `linux-image-*` package is listed here.",
+            "architecture's kernel (`linux-image-amd64`, `linux-image-arm64`) unless a `linux-image-*` package is "
+            "listed here; on arm64 also `grub-efi-arm64-bin` (the ESP's GRUB is built from its modules).",
             (),
         ),
     ),

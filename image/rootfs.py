@@ -14,6 +14,10 @@ Stages, the slow one cached:
 3. **image**: a hard-linked copy of the system tree (seconds, where unpacking a tarball took half a minute),
    the overlay over it, then ext4 sized to its content (image/ext4.py), reproducible.
 
+A foreign architecture (an arm64 image on an x86_64 host): the tree's programs run under qemu-user through
+binfmt_misc, which `ensure_binfmt` sets up before the base and system stages; the wheels are downloaded for
+the image's platform (`wheel_platform_args`); GRUB's modules for the ESP come from the tree (`ARCH_PACKAGES`).
+
 Reproducible: mmdebstrap honours SOURCE_DATE_EPOCH; `base.snapshot` pins every package version through
 snapshot.debian.org; Python byte code is compiled with SOURCE_DATE_EPOCH set (hash-based .pyc); host keys,
 machine id, logs and caches are left out of the tree.
@@ -43,8 +47,20 @@ from pitstop.image.recipe import Recipe, render_hostname
 from pitstop.image.recipe import dumps as recipe_json
 from pitstop.runner import run
 
-DEB_ARCH = {"x86_64": "amd64"}
-KERNEL_PACKAGES = {"x86_64": "linux-image-amd64"}
+DEB_ARCH = {"x86_64": "amd64", "arm64": "arm64"}
+KERNEL_PACKAGES = {"x86_64": "linux-image-amd64", "arm64": "linux-image-arm64"}
+# Installed for the architecture whatever the recipe says. arm64: GRUB's arm64-efi modules, from which the ESP's
+# GRUB is made (image/esp.py): grub-efi-arm64-bin cannot be installed on an amd64 build host, and taking it from
+# the image's own Debian gives the version of the image's suite or snapshot, cached with the base.
+ARCH_PACKAGES: dict[str, tuple[str, ...]] = {"x86_64": (), "arm64": ("grub-efi-arm64-bin",)}
+# Where the rootfs holds GRUB's modules for the ESP's GRUB (arm64: ARCH_PACKAGES).
+GRUB_MODULES_IN_TREE = {"arm64": "usr/lib/grub/arm64-efi"}
+# Debian architecture -> the kernel's name for it (uname -m; binfmt_misc's qemu-<name> entries).
+MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+# The wheels' target: Debian 12's Python, glibc 2.36 (manylinux_2_17 … manylinux_2_36).
+PYTHON_VERSION = "3.11"
+GLIBC_MINOR = 36
 # What every image needs whatever the recipe says: a kernel and initramfs in the slot (GRUB loads /vmlinuz and
 # /initrd.img), systemd, the fsck tools for the data partition and the ESP, Python for pitstop.
 BASE_PACKAGES = (
@@ -101,8 +117,9 @@ def packages(recipe: Recipe) -> list[str]:
     """Everything mmdebstrap installs, sorted and without duplicates: `BASE_PACKAGES`, the recipe's, and the
     architecture's default kernel unless the recipe names a `linux-image-*` package itself."""
     include = recipe.packages.include
-    kernel = [] if any(p.startswith("linux-image-") for p in include) else [KERNEL_PACKAGES[recipe.target.arch]]
-    return sorted({*BASE_PACKAGES, *kernel, *include})
+    arch = recipe.target.arch
+    kernel = [] if any(p.startswith("linux-image-") for p in include) else [KERNEL_PACKAGES[arch]]
+    return sorted({*BASE_PACKAGES, *ARCH_PACKAGES[arch], *kernel, *include})
 
 
 def apt_sources(recipe: Recipe) -> list[str]:
@@ -119,6 +136,25 @@ def apt_sources(recipe: Recipe) -> list[str]:
     ]
 
 
+# Architectures whose base makes the initramfs once, at its end. mkinitramfs under qemu-user takes minutes, and
+# one mmdebstrap ran it several times (the kernel's postinst, then the triggers of initramfs-tools and of the
+# packages with initramfs hooks): update-initramfs is diverted to a no-op once the essential packages are in,
+# and put back and run for each kernel once everything is installed (docs/image.md "arm64"). The kernel's
+# postinst still makes the /vmlinuz and /initrd.img links GRUB loads.
+INITRAMFS_ONCE = frozenset({"arm64"})
+_UPDATE_INITRAMFS = "/usr/sbin/update-initramfs"
+
+
+def initramfs_once_hooks() -> list[str]:
+    """mmdebstrap hooks (run by sh with the tree as $1) that make the base's initramfs once."""
+    u = _UPDATE_INITRAMFS
+    divert = f'chroot "$1" dpkg-divert --quiet --local --rename --divert {u}.pitstop-once --add {u}'
+    stub = f'printf \'#!/bin/sh\\nexit 0\\n\' > "$1{u}" && chmod 755 "$1{u}"'
+    restore = f'rm -f "$1{u}" && chroot "$1" dpkg-divert --quiet --local --rename --remove {u}'
+    make = 'for k in $(ls "$1/usr/lib/modules"); do chroot "$1" update-initramfs -c -k "$k" || exit 1; done'
+    return [f"--essential-hook={divert} && {stub}", f"--customize-hook={restore} && {make}"]
+
+
 def mmdebstrap_argv(recipe: Recipe, out: Path) -> list[str]:
     argv = [
         "mmdebstrap",
@@ -129,10 +165,95 @@ def mmdebstrap_argv(recipe: Recipe, out: Path) -> list[str]:
         f"--include={','.join(packages(recipe))}",
     ]
     argv += [f"--dpkgopt={o}" for o in DPKG_OPTIONS]
+    if recipe.target.arch in INITRAMFS_ONCE:
+        argv += initramfs_once_hooks()
     if recipe.base.snapshot is not None:
         # Snapshot Release files are old by design.
         argv.append('--aptopt=Acquire::Check-Valid-Until "false"')
     return [*argv, recipe.base.suite, str(out), *apt_sources(recipe)]
+
+
+# --- a foreign architecture: binfmt_misc and qemu-user ------------------------------------------------------
+
+
+def host_deb_arch(machine: str | None = None) -> str:
+    """The build host's Debian architecture (`machine`: uname -m; default this host's)."""
+    m = machine or os.uname().machine
+    return next((deb for deb, name in MACHINE.items() if name == m), m)
+
+
+@dataclass(frozen=True)
+class BinfmtState:
+    """What the host has for running `target`'s programs (a Debian architecture) through binfmt_misc."""
+
+    host: str  # Debian architecture of the build host
+    target: str
+    mounted: bool  # /proc/sys/fs/binfmt_misc is mounted
+    entry: str | None  # the kernel's qemu-<machine> entry: "enabled", "disabled", None: not registered
+    format_known: bool  # binfmt-support knows the format (qemu-user-static installed its /usr/share/binfmts file)
+    update_binfmts: bool  # the update-binfmts tool exists
+
+
+def binfmt_plan(state: BinfmtState) -> list[str]:
+    """What to do so that the kernel runs `state.target`'s programs: nothing for the host's own architecture,
+    else the steps from ("mount", "enable"); ImageBuildError, one line saying what to install, when no step
+    can get there. Pure: `binfmt_state` gathers the state, `ensure_binfmt` runs the steps."""
+    if state.target == state.host:
+        return []
+    machine = MACHINE.get(state.target, state.target)
+    steps = [] if state.mounted else ["mount"]
+    if state.entry == "enabled":
+        return steps
+    if not (state.update_binfmts and state.format_known):
+        raise ImageBuildError(
+            f"building a {state.target} rootfs on this {state.host} host needs qemu-user through binfmt_misc: "
+            f"apt-get install qemu-user-static binfmt-support (no qemu-{machine} binfmt format is known here)"
+        )
+    return [*steps, "enable"]
+
+
+def binfmt_state(target: str, binfmt: Path = BINFMT_DIR) -> BinfmtState:
+    machine = MACHINE.get(target, target)
+    entry: str | None = None
+    try:
+        first = (binfmt / f"qemu-{machine}").read_text().splitlines()[:1]
+        entry = first[0].strip() if first else None
+    except OSError:
+        pass
+    return BinfmtState(
+        host=host_deb_arch(),
+        target=target,
+        mounted=(binfmt / "status").exists(),
+        entry=entry,
+        format_known=Path(f"/usr/share/binfmts/qemu-{machine}").is_file(),
+        update_binfmts=shutil.which("update-binfmts") is not None,
+    )
+
+
+def ensure_binfmt(target: str) -> None:
+    """The kernel runs `target`'s (a Debian architecture) programs through qemu-user, as mmdebstrap and the
+    chroot steps need for a foreign rootfs: binfmt_misc mounted (no systemd mounts it on a container host) and
+    qemu-<machine> enabled. ImageBuildError with what to install or run when that cannot be done here."""
+    machine = MACHINE.get(target, target)
+    for step in binfmt_plan(binfmt_state(target)):
+        try:
+            if step == "mount":
+                run(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT_DIR])
+            else:
+                run(["update-binfmts", "--enable", f"qemu-{machine}"])
+        except CommandError as e:
+            said = (e.stderr.strip().splitlines() or [e.message])[-1]
+            what = (
+                f"mount -t binfmt_misc binfmt_misc {BINFMT_DIR}"
+                if step == "mount"
+                else f"update-binfmts --enable qemu-{machine}"
+            )
+            raise ImageBuildError(f"cannot run {target} programs on this host: `{what}` failed: {said}") from None
+    if target != host_deb_arch() and binfmt_state(target).entry != "enabled":
+        raise ImageBuildError(
+            f"cannot run {target} programs on this host: binfmt_misc has no enabled qemu-{machine} entry after "
+            f"update-binfmts --enable qemu-{machine}"
+        )
 
 
 def mmdebstrap_version() -> str:
@@ -151,6 +272,8 @@ def base_key(recipe: Recipe, epoch: int | None, tool: str) -> str:
         "epoch": epoch,
         "mmdebstrap": tool,
     }
+    if recipe.target.arch in INITRAMFS_ONCE:  # only there, so that other architectures keep their keys
+        fields["hooks"] = initramfs_once_hooks()
     return _digest(fields)
 
 
@@ -199,6 +322,7 @@ def build_base(recipe: Recipe, cache: Cache, epoch: int, *, pinned: bool = True,
     if out.is_file() and not refresh:
         os.utime(out)
         return Stage(out, key, True)
+    ensure_binfmt(DEB_ARCH[recipe.target.arch])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.unlink(missing_ok=True)
@@ -564,14 +688,29 @@ def install_authorized_keys(recipe: Recipe, tree: Path) -> None:
             os.chown(p, uid, gid)
 
 
-def wheelhouse(repo: Path, dest: Path, cache: Cache) -> Path:
-    """pitstop's wheel from `repo` and the wheels of its dependencies (downloaded once per dependency list)."""
+def wheel_platform_args(arch: str) -> list[str]:
+    """`pip download`'s target for the image's Python: Debian 12's CPython 3.11 on glibc 2.36 for `arch` (a
+    recipe's target.arch), whatever Python or machine the build runs on. Binary wheels only: nothing is
+    compiled for the image."""
+    machine = MACHINE[DEB_ARCH[arch]]
+    tags = [f"manylinux_2_{minor}_{machine}" for minor in range(GLIBC_MINOR, 16, -1)] + [f"manylinux2014_{machine}"]
+    args = [f"--platform={t}" for t in tags]
+    args += [f"--python-version={PYTHON_VERSION}", "--implementation=cp", "--only-binary=:all:"]
+    return args
+
+
+def wheelhouse(repo: Path, dest: Path, cache: Cache, *, arch: str = "x86_64") -> Path:
+    """pitstop's wheel from `repo` and the wheels of its dependencies for `arch` (a recipe's target.arch), for
+    the image's Python (`wheel_platform_args`): downloaded once per dependency list and architecture."""
     dest.mkdir(parents=True, exist_ok=True)
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dest, repo])
     pitstop_wheel = sorted(dest.glob("pitstop-*.whl"))
     if not pitstop_wheel:
         raise ImageBuildError(f"pip made no pitstop wheel from {repo}")
-    deps_key = hashlib.sha256((repo / "pyproject.toml").read_bytes()).hexdigest()[:32]
+    platform = wheel_platform_args(arch)
+    deps_key = _digest(
+        {"pyproject": hashlib.sha256((repo / "pyproject.toml").read_bytes()).hexdigest(), "pip": platform}
+    )
     deps = cache.path("wheels", deps_key, "")
     if not deps.is_dir():
         tmp = deps.with_name(f".{deps.name}.tmp")
@@ -585,7 +724,7 @@ def wheelhouse(repo: Path, dest: Path, cache: Cache) -> Path:
                 "--quiet",
                 "--dest",
                 tmp,
-                "--only-binary=:all:",
+                *platform,
                 pitstop_wheel[-1],
             ]
         )
@@ -654,6 +793,7 @@ def build_system(
         os.utime(out)
         os.utime(listing)
         return System(out, key, True, listing.read_text().splitlines())
+    ensure_binfmt(DEB_ARCH[recipe.target.arch])  # the chroot steps run the tree's programs
     out.parent.mkdir(parents=True, exist_ok=True)
     tree = out.with_name(f".{out.name}.tmp")  # in the cache, so the rootfs stage can hard-link it
     for stale in out.parent.glob(".*.tree.tmp"):  # an interrupted build's
@@ -738,6 +878,18 @@ class Rootfs:
     packages: list[str]  # "name version" of every installed Debian package
     base_key: str
     system_key: str
+    system_tree: Path | None = None  # the cached system tree the image was made from
+
+    def grub_modules(self, arch: str) -> Path | None:
+        """GRUB's modules for the ESP from the image's own tree (GRUB_MODULES_IN_TREE), None where the build
+        host's are used (x86_64)."""
+        rel = GRUB_MODULES_IN_TREE.get(arch)
+        if rel is None or self.system_tree is None:
+            return None
+        d = self.system_tree / rel
+        if not (d / "moddep.lst").is_file():
+            raise ImageBuildError(f"the image's rootfs has no GRUB modules in /{rel} (package {ARCH_PACKAGES[arch]})")
+        return d
 
 
 def installed_packages(tree: Path) -> list[str]:
@@ -778,7 +930,7 @@ def build_rootfs(
         _rootfs_from(recipe, system, tree, out, epoch=epoch, extra_overlay=extra_overlay)
     finally:
         shutil.rmtree(tree.parent)
-    return Rootfs(out, base.reused, system.reused, system.packages, base.key, system.key)
+    return Rootfs(out, base.reused, system.reused, system.packages, base.key, system.key, system.path)
 
 
 def _rootfs_from(

@@ -280,8 +280,8 @@ BAD = [
     ),
     (
         "arch",
-        ('compatible = "pitstop-test-image"', 'compatible = "pitstop-test-image"\narch = "arm64"'),
-        r"target\.arch: 'arm64' is not allowed \(allowed: 'x86_64'\)",
+        ('compatible = "pitstop-test-image"', 'compatible = "pitstop-test-image"\narch = "riscv64"'),
+        r"target\.arch: 'riscv64' is not allowed \(allowed: 'x86_64', 'arm64'\)",
     ),
     (
         "suite",

@@ -200,19 +200,19 @@ def read_layout(f: BinaryIO, p: Payload, limits: fmt.Limits = fmt.DEFAULT_LIMITS
     return PayloadLayout(idx, index_bytes, sizes)
 
 
-def _workers() -> int:
+def workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-_BATCH_BYTES = 1 << 20
-_BATCH_CHUNKS = 32
+BATCH_BYTES = 1 << 20
+BATCH_CHUNKS = 32
 
 
-def _decompress_batch(frames: list[bytes], lengths: list[int], ids: list[bytes], digest: str) -> list[bytes]:
+def decompress_batch(frames: list[bytes], lengths: list[int], ids: list[bytes], digest: str) -> list[bytes]:
     return [decompress_chunk(f, n, cid, digest) for f, n, cid in zip(frames, lengths, ids, strict=True)]
 
 
-def _update_all(h: Any, parts: list[bytes]) -> None:
+def update_all(h: Any, parts: list[bytes]) -> None:
     for part in parts:
         h.update(part)
 
@@ -244,7 +244,7 @@ class PayloadStream:
         i, n = 0, len(sizes)
         while i < n:
             j, total = i, 0
-            while j < n and j - i < _BATCH_CHUNKS and (total < _BATCH_BYTES or j == i):
+            while j < n and j - i < BATCH_CHUNKS and (total < BATCH_BYTES or j == i):
                 total += sizes[j]
                 j += 1
             buf = read_exact(self._f, total, f"payload {p.name!r}")
@@ -260,23 +260,23 @@ class PayloadStream:
         full = hashlib.sha256()
         data_hash = hashlib.sha256()
         pending: collections.deque[Future[list[bytes]]] = collections.deque()
-        depth = 2 * _workers()
+        depth = 2 * workers()
         last_hash: Future[None] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="hash") as hasher:
             try:
                 for frames, lengths, ids in self._batches():
                     if self._compressed_hash:
-                        last_hash = hasher.submit(_update_all, data_hash, frames)
-                    pending.append(self._pool.submit(_decompress_batch, frames, lengths, ids, p.chunk_digest))
+                        last_hash = hasher.submit(update_all, data_hash, frames)
+                    pending.append(self._pool.submit(decompress_batch, frames, lengths, ids, p.chunk_digest))
                     if self._keep_frames:
                         self.frames.extend(frames)
                     while len(pending) > depth:
                         chunks = self._result(pending.popleft(), p)
-                        last_hash = hasher.submit(_update_all, full, chunks)
+                        last_hash = hasher.submit(update_all, full, chunks)
                         yield from chunks
                 while pending:
                     chunks = self._result(pending.popleft(), p)
-                    last_hash = hasher.submit(_update_all, full, chunks)
+                    last_hash = hasher.submit(update_all, full, chunks)
                     yield from chunks
             finally:
                 for fut in pending:
@@ -297,7 +297,7 @@ class PayloadStream:
 
 
 def payload_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_workers(), thread_name_prefix="verify")
+    return ThreadPoolExecutor(workers(), thread_name_prefix="verify")
 
 
 def verify_payloads(f: BinaryIO, m: Manifest, on_bytes: Callable[[int], None] | None = None,

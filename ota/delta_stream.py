@@ -13,11 +13,10 @@ import bisect
 import collections
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
-from pitstop.ota.bundle_reader import read_exact
+from pitstop.ota.bundle_reader import BATCH_BYTES, BATCH_CHUNKS, decompress_batch, read_exact, update_all, workers
 from pitstop.ota.chunks import decompress_chunk
 from pitstop.ota.delta_plan import Plan
 from pitstop.ota.errors import PayloadError
@@ -25,18 +24,11 @@ from pitstop.ota.http_source import HttpSource
 from pitstop.ota.manifest import Payload
 from pitstop.ota.seed import Seed, read_chunk
 
-_BATCH_BYTES = 1 << 20
-_BATCH_CHUNKS = 32
-
-_Result = list[bytes | None]
+_Result = Sequence[bytes | None]  # None: a seed chunk that failed its check
 
 
 def _read_seed(fd: int, offsets: list[int], lengths: list[int], ids: list[bytes], digest: str) -> _Result:
     return [read_chunk(fd, o, n, cid, digest) for o, n, cid in zip(offsets, lengths, ids, strict=True)]
-
-
-def _decompress(frames: list[bytes], lengths: list[int], ids: list[bytes], digest: str) -> _Result:
-    return [decompress_chunk(f, n, cid, digest) for f, n, cid in zip(frames, lengths, ids, strict=True)]
 
 
 class DeltaStream:
@@ -74,7 +66,7 @@ class DeltaStream:
             # A batch stays inside one fetch, or inside one run of seed chunks between fetches.
             limit = fetch_last if downloading else next((k for k in firsts[bisect.bisect_right(firsts, i) :]), n)
             j, total = i, 0
-            while j < limit and j - i < _BATCH_CHUNKS and (total < _BATCH_BYTES or j == i):
+            while j < limit and j - i < BATCH_CHUNKS and (total < BATCH_BYTES or j == i):
                 total += plan.sizes[j] if downloading else plan.lengths[j]
                 j += 1
             lengths = list(plan.lengths[i:j])
@@ -84,7 +76,9 @@ class DeltaStream:
                 for k in range(i, j):
                     frames.append(buf[pos : pos + plan.sizes[k]])
                     pos += plan.sizes[k]
-                fut = self._pool.submit(_decompress, frames, lengths, list(ids[i:j]), p.chunk_digest)
+                fut: Future[_Result] = self._pool.submit(
+                    decompress_batch, frames, lengths, list(ids[i:j]), p.chunk_digest
+                )
             else:
                 offsets = [o for o in plan.seed[i:j] if o is not None]
                 fut = self._pool.submit(_read_seed, fd, offsets, lengths, list(ids[i:j]), p.chunk_digest)
@@ -108,7 +102,7 @@ class DeltaStream:
         p = self.payload
         full = hashlib.sha256()
         pending: collections.deque[tuple[int, Future[_Result]]] = collections.deque()
-        depth = 2 * min(8, os.cpu_count() or 1)
+        depth = 2 * workers()
         fd = os.open(self.seed.device, os.O_RDONLY | os.O_CLOEXEC)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="hash") as hasher:
@@ -118,11 +112,11 @@ class DeltaStream:
                         pending.append(item)
                         while len(pending) > depth:
                             chunks = self._settle(*pending.popleft())
-                            last = hasher.submit(_update_all, full, chunks)
+                            last = hasher.submit(update_all, full, chunks)
                             yield from chunks
                     while pending:
                         chunks = self._settle(*pending.popleft())
-                        last = hasher.submit(_update_all, full, chunks)
+                        last = hasher.submit(update_all, full, chunks)
                         yield from chunks
                 finally:
                     for _, fut in pending:
@@ -147,8 +141,3 @@ class DeltaStream:
                 self.seeded_bytes += len(c)
             out.append(c)
         return out
-
-
-def _update_all(h: Any, parts: list[bytes]) -> None:
-    for part in parts:
-        h.update(part)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import CommandFailed, bench_main, human, machine, pitstop_command, require_tools, run_timed
-from install import COMPATIBLE, BenchDevice, digest, serve
+from install import BenchDevice, digest, serve
 
 from pitstop.ota.bundle_diff import diff_bundles
 from pitstop.ota.bundle_reader import read_preamble
@@ -145,11 +145,9 @@ def differing_blocks(a: Path, b: Path) -> tuple[int, int]:
 
 
 def _device(work: Path, name: str, keyring: Path, old_rootfs: Path, slot_size: int) -> BenchDevice:
-    dev = BenchDevice(work / name, slot_size)
+    dev = BenchDevice(work / name, slot_size, RECIPE_COMPATIBLE)
     dev.root.mkdir(parents=True)
     dev.reset(keyring)
-    text = dev.config.read_text().replace(f'compatible = "{COMPATIBLE}"', f'compatible = "{RECIPE_COMPATIBLE}"')
-    dev.config.write_text(text)
     shutil.copyfile(old_rootfs, dev.slot_a)  # as flashed: no chunk index recorded
     os.truncate(dev.slot_a, slot_size)
     return dev

@@ -137,6 +137,7 @@ def zeroed_file(path: Path, size: int) -> None:
 class BenchDevice:
     root: Path
     slot_size: int
+    compatible: str = COMPATIBLE
 
     @property
     def config(self) -> Path:
@@ -171,7 +172,7 @@ class BenchDevice:
                 f.truncate(self.slot_size)
         zeroed_file(self.slot_b, self.slot_size)
         (self.root / "boot_id").write_text("bench-boot-0\n")
-        self.config.write_text(f'''compatible = "{COMPATIBLE}"
+        self.config.write_text(f'''compatible = "{self.compatible}"
 data_dir = "{self.data}"
 keyring = "{keyring}"
 clock = "floor"

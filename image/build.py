@@ -29,7 +29,7 @@ from pitstop.image import bmap as bmaps
 from pitstop.image import disk, recipe, rootfs, sparse
 from pitstop.image.datafs import file_sha256
 from pitstop.image.errors import ImageBuildError
-from pitstop.image.progress import Stages
+from pitstop.image.progress import Stages, Step
 from pitstop.image.recipe import Model, Recipe
 from pitstop.ota import bundle_format as fmt
 from pitstop.ota import devkeys
@@ -182,8 +182,13 @@ def first_bundle(
     return bundle_info(vp, str(source))
 
 
-def build(req: Request, stages: Stages) -> Result:
-    r = recipe.load(req.recipe)  # validated before anything is built
+def prepare(req: Request, bootloader: str) -> tuple[Recipe, Keys]:
+    """The recipe (validated, with the request's extra models) and the keys, before anything is built. A recipe for
+    another `bootloader` than the caller builds is refused: GRUB images and Jetsons are built differently."""
+    r = recipe.load(req.recipe)
+    if r.target.bootloader != bootloader:
+        builder = "pitstop.image.jetson_build" if r.target.bootloader == "nvbootctrl" else "pitstop.image.build"
+        raise UsageError(f"{req.recipe}: bootloader {r.target.bootloader!r}: {builder} builds it")
     if req.extra_overlay is not None and not req.extra_overlay.is_dir():
         raise UsageError(f"--extra-overlay {req.extra_overlay} is not a directory")
     if req.extra_models:
@@ -192,6 +197,11 @@ def build(req: Request, stages: Stages) -> Result:
         raise ImageBuildError("building an image needs root (mmdebstrap --mode=root, chroot)")
     keys = resolve_keys(r, req)
     req.output.mkdir(parents=True, exist_ok=True)
+    return r, keys
+
+
+def build(req: Request, stages: Stages) -> Result:
+    r, keys = prepare(req, "grub")
     outs = Outputs.of(r, req.output)
     if not req.bundle:
         outs = Outputs(outs.disk, outs.bmap, None, outs.rootfs, outs.manifest)
@@ -205,18 +215,7 @@ def build(req: Request, stages: Stages) -> Result:
         python = python_packages(wheels)
         rootfs_tmp = work / "rootfs.ext4"
         with stages.step("rootfs", "base (mmdebstrap), system (accounts, pitstop), overlay, ext4") as st:
-            built = rootfs.build_rootfs(
-                r,
-                rootfs_tmp,
-                cache=cache,
-                keyring_pem=keys.keyring_pem,
-                wheels=wheels,
-                epoch=req.epoch,
-                pinned=req.pinned,
-                refresh=req.refresh,
-                extra_overlay=req.extra_overlay,
-                on_stage=lambda name, reused: st.note(f"{name} {'reused from the cache' if reused else 'built'}"),
-            )
+            built = rootfs.build_rootfs(r, rootfs_tmp, tree_inputs(req, cache, keys, wheels, st))
         result.reused.update(base=built.base_reused, system=built.system_reused)
         rootfs_sha = file_sha256(rootfs_tmp)
         slot_a: dict[str, Any] | None = None
@@ -245,11 +244,24 @@ def build(req: Request, stages: Stages) -> Result:
             bmaps.write(outs.bmap, bm)
         os.replace(rootfs_tmp, outs.rootfs)
     result.seconds = stages.seconds
-    result.manifest = build_manifest(
-        r, req, outs, built, parts.layout.size, bm, python, keys, rootfs_sha, slot_a, result
-    )
+    artifacts = disk_artifacts(outs, parts.layout.size, bm, rootfs_sha, slot_a)
+    result.manifest = build_manifest(r, req, built, python, keys, result.seconds, artifacts)
     atomic_write(outs.manifest, (json.dumps(result.manifest, indent=2, sort_keys=True) + "\n").encode())
     return result
+
+
+def tree_inputs(req: Request, cache: rootfs.Cache, keys: Keys, wheels: Path, st: Step) -> rootfs.TreeInputs:
+    """The rootfs stages' inputs for `req`, noting on `st` whether each stage was built or reused."""
+    return rootfs.TreeInputs(
+        cache,
+        keys.keyring_pem,
+        wheels,
+        req.epoch,
+        pinned=req.pinned,
+        refresh=req.refresh,
+        extra_overlay=req.extra_overlay,
+        on_stage=lambda name, reused: st.note(f"{name} {'reused from the cache' if reused else 'built'}"),
+    )
 
 
 def with_models(r: Recipe, extra: tuple[Model, ...]) -> Recipe:
@@ -289,26 +301,13 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-def build_manifest(
-    r: Recipe,
-    req: Request,
-    outs: Outputs,
-    built: rootfs.Rootfs,
-    disk_size: int,
-    bm: bmaps.Bmap,
-    python: list[dict[str, str]],
-    keys: Keys,
-    rootfs_sha: str,
-    slot_a: dict[str, Any] | None,
-    result: Result,
-) -> dict[str, Any]:
-    def file_entry(p: Path, sha: str | None = None) -> dict[str, Any]:
-        return {"file": p.name, "size": p.stat().st_size, "sha256": sha or file_sha256(p)}
+def file_entry(p: Path, sha: str | None = None) -> dict[str, Any]:
+    return {"file": p.name, "size": p.stat().st_size, "sha256": sha or file_sha256(p)}
 
-    debs = []
-    for line in built.packages:
-        name, _, version = line.partition(" ")
-        debs.append({"name": name, "version": version})
+
+def disk_artifacts(
+    outs: Outputs, disk_size: int, bm: bmaps.Bmap, rootfs_sha: str, slot_a: dict[str, Any] | None
+) -> dict[str, Any]:
     artifacts: dict[str, Any] = {
         "disk": {
             "file": outs.disk.name,
@@ -322,6 +321,23 @@ def build_manifest(
     }
     if outs.bundle is not None and slot_a is not None:
         artifacts["bundle"] = {**file_entry(outs.bundle), "manifest_sha256": slot_a["manifest_sha256"]}
+    return artifacts
+
+
+def build_manifest(
+    r: Recipe,
+    req: Request,
+    built: rootfs.Rootfs,
+    python: list[dict[str, str]],
+    keys: Keys,
+    seconds: dict[str, float],
+    artifacts: dict[str, Any],
+) -> dict[str, Any]:
+    """The build manifest: what went in (recipe, sources, tools, packages, wheels, keys) and `artifacts`."""
+    debs = []
+    for line in built.packages:
+        name, _, version = line.partition(" ")
+        debs.append({"name": name, "version": version})
     return {
         "format": MANIFEST_FORMAT,
         "recipe": {
@@ -340,7 +356,7 @@ def build_manifest(
         "stages": {
             "base": {"key": built.base_key, "reused": built.base_reused},
             "system": {"key": built.system_key, "reused": built.system_reused},
-            "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
         },
         "sources": rootfs.apt_sources(r),
         "tools": tool_versions(),

@@ -16,6 +16,8 @@ from pitstop.image import qemu
 from pitstop.progress import Progress, human_size
 
 if TYPE_CHECKING:
+    from pitstop.image.build import Request
+    from pitstop.image.progress import Stages
     from pitstop.ota.signing import Signer
 
 # The handlers import what they use: every `pitstop` command (the device's `pitstop mark-good` at boot among
@@ -39,6 +41,19 @@ def register(sub: Any) -> None:
     p.add_argument("--no-bundle", action="store_true", help="do not make the first bundle")
     p.add_argument("--refresh", action="store_true", help="rebuild the Debian base even if cached (new packages)")
     p.add_argument("--extra-overlay", type=Path, help="a directory copied over the rootfs after the recipe's overlay")
+    p.add_argument(
+        "--l4t",
+        type=Path,
+        metavar="DIR",
+        help="Jetson recipes: NVIDIA's BSP (Linux_for_Tegra) to put the rootfs into and flash with; without it the "
+        "build stops after the rootfs and the flashing configuration",
+    )
+    p.add_argument(
+        "--l4t-debs", type=Path, metavar="DIR", help="Jetson: .debs installed after NVIDIA's (JetPack: CUDA, TensorRT)"
+    )
+    p.add_argument(
+        "--no-flash", action="store_true", help="Jetson: prepare the BSP's rootfs/ and the bundle, do not flash"
+    )
     p.set_defaults(handler=cmd_build)
 
     p = isub.add_parser("boot", help="boot a disk image in QEMU (UEFI, serial console here; Ctrl-A X quits)")
@@ -121,11 +136,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(recipe.dumps(r))
         return 0
-    layout = r.layout()
-    sizes = ", ".join(f"{p.name} {format_size(p.size)}" for p in layout.partitions)
     keys = "development keyring (never ship it)" if r.keys.development else f"keyring {r.keys.keyring}"
     print(f"{args.recipe}: ok: {r.name}, compatible {r.target.compatible}, version {r.bundle.version}")
-    print(f"  disk {format_size(layout.size)}: {sizes}")
+    if r.target.bootloader == "nvbootctrl":
+        from pitstop.image import jetson_build  # noqa: PLC0415
+
+        cfg = jetson_build.flash_config(r)
+        data = format_size(r.partitions.data or 0)
+        print(f"  {cfg.board.description}: APP and APP_b {format_size(cfg.slot_size)} each, UDA {data}")
+        print(f"  NVIDIA's flash: {cfg.command_line()}")
+    else:
+        layout = r.layout()
+        sizes = ", ".join(f"{p.name} {format_size(p.size)}" for p in layout.partitions)
+        print(f"  disk {format_size(layout.size)}: {sizes}")
     print(f"  {len(r.packages.include)} package(s), {len(r.user)} user(s), {len(r.model)} model(s); {keys}")
     return 0
 
@@ -222,9 +245,16 @@ def _signer(args: argparse.Namespace) -> Signer | None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from pitstop.image import build, disk, recipe  # noqa: PLC0415
-    from pitstop.image.progress import Stages, format_duration  # noqa: PLC0415
+    from pitstop.image.progress import Stages  # noqa: PLC0415
 
-    recipe.load(args.recipe)  # a bad recipe fails here, before anything else is looked at
+    r = recipe.load(args.recipe)  # a bad recipe fails here, before anything else is looked at
+    jetson_recipe = r.target.bootloader == "nvbootctrl"
+    if not jetson_recipe and (args.l4t or args.l4t_debs or args.no_flash):
+        raise UsageError("--l4t, --l4t-debs and --no-flash are for Jetson recipes (bootloader nvbootctrl)")
+    if args.l4t_debs is not None and (args.l4t is None or not args.l4t_debs.is_dir()):
+        raise UsageError("--l4t-debs DIR needs --l4t and a directory of .deb files")
+    if args.no_flash and args.l4t is None:
+        raise UsageError("--no-flash needs --l4t (without a BSP nothing is flashed)")
     source = args.source or build.source_tree()
     if source is None or not (source / "pyproject.toml").is_file():
         raise UsageError("no pitstop source tree to install into the image: give --source DIR (a checkout)")
@@ -243,23 +273,50 @@ def cmd_build(args: argparse.Namespace) -> int:
         bundle=not args.no_bundle,
     )
     stages = Stages(enabled=not args.quiet)
+    if jetson_recipe:
+        return _build_jetson(req, args, stages)
     res = build.build(req, stages)
     o = res.outputs
-    total = sum(res.seconds.values())
-    reused = [k for k, v in res.reused.items() if v]
+    rows = (("disk", o.disk), ("bmap", o.bmap), ("bundle", o.bundle), ("rootfs", o.rootfs), ("manifest", o.manifest))
+    _print_built(res.manifest, res.seconds, res.reused, req.cache, rows)
+    return 0
+
+
+def _print_built(
+    manifest: dict[str, Any],
+    seconds: dict[str, float],
+    reused: dict[str, bool],
+    cache: Path,
+    rows: tuple[tuple[str, Path | None], ...],
+) -> None:
+    from pitstop.image.progress import format_duration  # noqa: PLC0415
+
+    cached = [k for k, v in reused.items() if v]
     print(
-        f"built {res.manifest['recipe']['name']} in {format_duration(total)}"
-        + (f" ({', '.join(reused)} reused from {req.cache})" if reused else "")
+        f"built {manifest['recipe']['name']} in {format_duration(sum(seconds.values()))}"
+        + (f" ({', '.join(cached)} reused from {cache})" if cached else "")
     )
-    for label, path in (
-        ("disk", o.disk),
-        ("bmap", o.bmap),
-        ("bundle", o.bundle),
-        ("rootfs", o.rootfs),
-        ("manifest", o.manifest),
-    ):
+    for label, path in rows:
         if path is not None:
             print(f"  {label:9} {path}")
+
+
+def _build_jetson(req: Request, args: argparse.Namespace, stages: Stages) -> int:
+    from pitstop.image import jetson_build  # noqa: PLC0415
+
+    l4t = jetson_build.L4t(bsp=args.l4t, debs=jetson_build.debs_in(args.l4t_debs), flash=not args.no_flash)
+    res = jetson_build.build_jetson(req, l4t, stages)
+    o = res.outputs
+    rows = (
+        ("rootfs", o.rootfs_tar),
+        ("flash", o.flash_dir),
+        ("ext4", o.rootfs if res.integrated else None),
+        ("bundle", o.bundle if res.integrated else None),
+        ("manifest", o.manifest),
+    )
+    _print_built(res.manifest, res.seconds, res.reused, req.cache, rows)
+    for line in jetson_build.summary(res):
+        print(line)
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pitstop import docgen
+from pitstop.image import jetson
 from pitstop.image import partitions as parts
 from pitstop.image.errors import RecipeError
 from pitstop.image.settings import (
@@ -46,7 +47,7 @@ from pitstop.ota.clock import ClockPolicy
 from pitstop.ota.errors import BundleError, KeyringError
 from pitstop.ota.keyring import load_keyring
 from pitstop.ota.manifest import COMPATIBLE_RE, MODEL_DESCRIPTION_FILE, check_name, check_semver, check_target
-from pitstop.ota.system_config import MAX_TRIES
+from pitstop.ota.system_config import MAX_TRIES, NVBOOTCTRL_MAX_TRIES
 
 DEV_KEYRING = "dev"
 DATA_MIN = 16 * MiB
@@ -441,9 +442,37 @@ def _check_interface(i: Interface) -> Problems:
     return []
 
 
+def _check_jetson(r: Recipe) -> Problems:
+    """A Jetson recipe (bootloader nvbootctrl) and a GRUB one cannot be mixed up: the board decides."""
+    t, p = r.target, r.partitions
+    if t.bootloader != "nvbootctrl":
+        if t.board in jetson.BOARDS:
+            return [("target.bootloader", f'{t.board} boots through NVIDIA\'s UEFI: bootloader = "nvbootctrl"')]
+        return []
+    if t.board not in jetson.BOARDS:
+        return [("target.board", f"with nvbootctrl the board is a Jetson: {', '.join(sorted(jetson.BOARDS))}")]
+    if t.arch != "arm64":
+        return [("target.arch", f"{t.board} is arm64")]
+    if r.boot.tries > NVBOOTCTRL_MAX_TRIES:
+        return [
+            (
+                "boot.tries",
+                f"{r.boot.tries}: NVIDIA's firmware counts 1 to {NVBOOTCTRL_MAX_TRIES} tries (ROOTFS_RETRY_COUNT_MAX)",
+            )
+        ]
+    if p.data is None:
+        return [("partitions.data", "a Jetson's data partition (UDA) needs a size; NVIDIA's layout has no fill")]
+    if p.disk is not None:
+        return [("partitions.disk", "not for a Jetson: NVIDIA's tools lay out the device's storage")]
+    return []
+
+
 def _check_recipe(r: Recipe) -> Problems:
     p = r.partitions
     f = format_size
+    jetson_problems = _check_jetson(r)
+    if jetson_problems or r.target.bootloader == "nvbootctrl":
+        return jetson_problems
     if p.data is None:
         if p.disk is None:
             return [("partitions.data", '"fill" needs partitions.disk (the size to fill)')]
@@ -515,13 +544,19 @@ TARGET = Table(
             "x86_64",
         ),
         Setting(
-            "board", Text(_NAME_RULE, _NAME_PATTERN), "Board name, recorded in the build manifest.", "generic-uefi"
+            "board",
+            Text(_NAME_RULE, _NAME_PATTERN),
+            "Board name, recorded in the build manifest. With `nvbootctrl`, the Jetson to flash: "
+            "`jetson-orin-nano-devkit` or `jetson-agx-orin-devkit` (docs/jetson-flashing.md).",
+            "generic-uefi",
         ),
         Setting(
             "bootloader",
-            Text(allowed=("grub",)),
+            Text(allowed=("grub", "nvbootctrl")),
             "Boot loader and boot-slot backend: `grub` is a standalone UEFI "
-            "GRUB with the A/B boot counter of docs/grub.md.",
+            "GRUB with the A/B boot counter of docs/grub.md; `nvbootctrl` is a Jetson's own UEFI with "
+            "rootfs A/B (arm64, a Jetson `board`): the build makes the rootfs and NVIDIA's flashing "
+            "configuration (docs/jetson-flashing.md).",
             "grub",
         ),
         Setting(
@@ -590,25 +625,29 @@ PARTITIONS = Table(
         Setting(
             "esp",
             Size(min=16 * MiB),
-            "EFI system partition (FAT): the GRUB binary, its configuration and grubenv.",
+            "EFI system partition (FAT): the GRUB binary, its configuration and grubenv. Not used with "
+            "`nvbootctrl` (NVIDIA's layout has its own `esp`).",
             64 * MiB,
         ),
         Setting(
             "rootfs",
             Size(min=16 * MiB),
             "Size of each of the two root filesystem slots (`rootfs_a`, "
-            "`rootfs_b`); the rootfs image of every future update must fit.",
+            "`rootfs_b`; a Jetson's `APP` and `APP_b`, NVIDIA's `-S`); the rootfs image of every future update "
+            "must fit.",
         ),
         Setting(
             "data",
             Size(min=DATA_MIN, fill=True),
-            'Data partition (ext4, kept across updates: state, models, logs, identity); `"fill"`: the rest of `disk`.',
+            'Data partition (ext4, kept across updates: state, models, logs, identity); `"fill"`: the rest of `disk`. '
+            "On a Jetson: the size of NVIDIA's `UDA` partition (made ext4 at first boot); no `fill`.",
         ),
         Setting(
             "disk",
             Size(min=64 * MiB),
             "Whole disk image size; default: just large enough. Partitions must fit, "
-            "with 1 MiB before the first and after the last (GPT).",
+            "with 1 MiB before the first and after the last (GPT). Not with `nvbootctrl`: NVIDIA's tools lay "
+            "out a Jetson's storage.",
             None,
         ),
     ),
@@ -625,13 +664,15 @@ BOOT = Table(
                 "no quotes, `$`, `\\`, `;` or braces; no `root=`, `pitstop.slot=`; `panic=N` with N > 0", check=_cmdline
             ),
             "Extra kernel command line (the builder adds `root=`, `ro` and "
-            "`pitstop.slot=`). Must hold `panic=N` with N > 0.",
+            "`pitstop.slot=`). Must hold `panic=N` with N > 0. Not used with `nvbootctrl`: a Jetson's command "
+            "line is L4T's (`/boot/extlinux/extlinux.conf` from NVIDIA's packages, and UEFI).",
             "console=tty0 console=ttyS0,115200 panic=5",
         ),
         Setting(
             "tries",
             Integer(1, MAX_TRIES),
-            "Boot attempts a newly installed slot gets before GRUB falls back (system.toml `[bootloader] tries`).",
+            "Boot attempts a newly installed slot gets before GRUB falls back (system.toml `[bootloader] tries`). "
+            "With `nvbootctrl`: 1 to 3, flashed as NVIDIA's `ROOTFS_RETRY_COUNT_MAX`.",
             3,
         ),
         Setting(

@@ -25,6 +25,7 @@ machine id, logs and caches are left out of the tree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import stat
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +116,18 @@ _REMOVE = (
 
 def packages(recipe: Recipe) -> list[str]:
     """Everything mmdebstrap installs, sorted and without duplicates: `BASE_PACKAGES`, the recipe's, and the
-    architecture's default kernel unless the recipe names a `linux-image-*` package itself."""
+    architecture's default kernel unless the recipe names a `linux-image-*` package itself. A Jetson gets neither
+    Debian's kernel nor GRUB: its kernel, initrd and boot chain are NVIDIA's (apply_binaries, image/jetson.py)."""
     include = recipe.packages.include
     arch = recipe.target.arch
+    if is_jetson(recipe):
+        return sorted({*BASE_PACKAGES, *include} - {"initramfs-tools"})
     kernel = [] if any(p.startswith("linux-image-") for p in include) else [KERNEL_PACKAGES[arch]]
     return sorted({*BASE_PACKAGES, *ARCH_PACKAGES[arch], *kernel, *include})
+
+
+def is_jetson(recipe: Recipe) -> bool:
+    return recipe.target.bootloader == "nvbootctrl"
 
 
 def apt_sources(recipe: Recipe) -> list[str]:
@@ -395,6 +403,20 @@ MOVED_TO_DATA = (("var/log", DATA_LOG_DIR),)
 # State directories (systemd StateDirectory=) that services expect and cannot create on a read-only root.
 STATE_DIRS = ("var/lib/systemd/linger",)
 
+# A Jetson: NVIDIA's layout has no pitstop data partition, so pitstop's data is NVIDIA's UDA ("may be mounted and
+# used to store user data", flash_l4t_t234_nvme_rootfs_ab.xml). NVIDIA's tools leave it without a filesystem:
+# x-systemd.makefs makes ext4 on it at the first boot (systemd-makefs leaves a partition that has one alone).
+# NVIDIA's ESP is not mounted: pitstop keeps nothing there (nvbootctrl holds the boot state).
+JETSON_DATA_LABEL = "UDA"
+JETSON_DATA_OPTIONS = "defaults,noatime,x-systemd.makefs,x-systemd.device-timeout=90s"
+JETSON_FSTAB = f"""\
+# pitstop on a Jetson: the root filesystem is a read-only slot (APP or APP_b); what changes lives on data (NVIDIA's
+# UDA partition, made ext4 at the first boot) or in tmpfs (docs/jetson-flashing.md).
+PARTLABEL={JETSON_DATA_LABEL}  {systemconf.DATA_DIR}  ext4  {JETSON_DATA_OPTIONS}  0  2
+tmpfs  /tmp      tmpfs  mode=1777,nosuid,nodev  0  0
+tmpfs  /var/tmp  tmpfs  mode=1777,nosuid,nodev  0  0
+"""
+
 HOSTNAME_UNIT = f"""\
 [Unit]
 Description=pitstop: host name from the device identity
@@ -528,25 +550,36 @@ def network_files(recipe: Recipe) -> dict[str, str]:
     return out
 
 
+def system_toml(recipe: Recipe) -> systemconf.SystemToml:
+    """The device's system.toml: GRUB's slots, or on a Jetson nvbootctrl with NVIDIA's APP/APP_b."""
+    if is_jetson(recipe):
+        return systemconf.SystemToml(
+            recipe.target.compatible,
+            tries=recipe.boot.tries,
+            clock=recipe.keys.clock,
+            backend="nvbootctrl",
+            slots=systemconf.JETSON_SLOTS,
+        )
+    return systemconf.SystemToml(recipe.target.compatible, tries=recipe.boot.tries, clock=recipe.keys.clock)
+
+
 def configure_tree(recipe: Recipe, tree: Path, *, keyring_pem: bytes) -> list[str]:
     """Write the recipe's files into `tree` (a Debian tree or an empty directory). Returns the units to enable."""
     units = []
-    _write(
-        tree,
-        systemconf.PATH,
-        systemconf.render(
-            systemconf.SystemToml(recipe.target.compatible, tries=recipe.boot.tries, clock=recipe.keys.clock)
-        ),
-    )
+    _write(tree, systemconf.PATH, systemconf.render(system_toml(recipe)))
     _write(tree, systemconf.KEYRING_PATH, keyring_pem.decode())
     if recipe.daemon.config is not None:
         _write(tree, "/etc/pitstop/pitstop.toml", recipe.daemon.config.read_text())
-    _write(tree, "/etc/fstab", FSTAB)
     for path, (text, mode) in emergency_files(recipe).items():
         _write(tree, path, text, mode)
-    _write(tree, *REPART_DATA)
-    for d in (systemconf.DATA_DIR, systemconf.ESP_MOUNT):
-        (tree / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    if is_jetson(recipe):
+        _write(tree, "/etc/fstab", JETSON_FSTAB)
+        (tree / systemconf.DATA_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    else:
+        _write(tree, "/etc/fstab", FSTAB)
+        _write(tree, *REPART_DATA)
+        for d in (systemconf.DATA_DIR, systemconf.ESP_MOUNT):
+            (tree / d.lstrip("/")).mkdir(parents=True, exist_ok=True)
     pattern = recipe.system.hostname
     _write(tree, "/etc/hostname", render_hostname(pattern, "unprovisioned") + "\n")
     if "{device_id}" in pattern:
@@ -897,55 +930,65 @@ def installed_packages(tree: Path) -> list[str]:
     return sorted(ln for ln in out.splitlines() if ln)
 
 
-def build_rootfs(
-    recipe: Recipe,
-    out: Path,
-    *,
-    cache: Cache,
-    keyring_pem: bytes,
-    wheels: Path,
-    epoch: int,
-    pinned: bool = True,
-    refresh: bool = False,
-    extra_overlay: Path | None = None,
-    on_stage: Callable[[str, bool], None] | None = None,
-) -> Rootfs:
-    """The rootfs image of `recipe` at `out`: ext4, sized to its content (at most a slot). `wheels`: a
-    directory with pitstop's wheel and its dependencies' (`wheelhouse`). `extra_overlay`: applied after the
-    recipe's (a development image's test hooks). `on_stage(name, reused)` is called as the base and system
-    stages finish."""
+@dataclass(frozen=True)
+class TreeInputs:
+    """What the rootfs stages take besides the recipe."""
+
+    cache: Cache
+    keyring_pem: bytes
+    wheels: Path  # pitstop's wheel and its dependencies' (`wheelhouse`)
+    epoch: int
+    pinned: bool = True
+    refresh: bool = False
+    extra_overlay: Path | None = None  # applied after the recipe's (a development image's test hooks)
+    on_stage: Callable[[str, bool], None] | None = None  # called as the base and system stages finish
+
+
+@contextlib.contextmanager
+def rootfs_tree(recipe: Recipe, inputs: TreeInputs) -> Iterator[tuple[Path, Stage, System]]:
+    """The rootfs of `recipe` as a directory tree (the base and system stages, built or reused, then the
+    overlays), with the two stages it came from; removed when the context ends. Files are hard links into the
+    cached system tree: replace them, never write into them."""
     if os.geteuid() != 0:
         raise ImageBuildError("building a rootfs needs root (mmdebstrap --mode=root, chroot)")
-    base = build_base(recipe, cache, epoch, pinned=pinned, refresh=refresh)
-    if on_stage:
-        on_stage("base", base.reused)
-    system = build_system(recipe, cache, base, keyring_pem=keyring_pem, wheels=wheels, epoch=epoch, pinned=pinned)
-    if on_stage:
-        on_stage("system", system.reused)
+    i = inputs
+    base = build_base(recipe, i.cache, i.epoch, pinned=i.pinned, refresh=i.refresh)
+    if i.on_stage:
+        i.on_stage("base", base.reused)
+    system = build_system(
+        recipe, i.cache, base, keyring_pem=i.keyring_pem, wheels=i.wheels, epoch=i.epoch, pinned=i.pinned
+    )
+    if i.on_stage:
+        i.on_stage("system", system.reused)
     # Beside the cached system tree (hard links need the same filesystem), removed whatever happens.
-    work = cache.root / "work"
+    work = i.cache.root / "work"
     work.mkdir(parents=True, exist_ok=True)
     tree = Path(tempfile.mkdtemp(prefix="rootfs-", dir=work)) / "tree"
     try:
-        _rootfs_from(recipe, system, tree, out, epoch=epoch, extra_overlay=extra_overlay)
+        link_copy(system.path, tree)
+        for overlay in (recipe.files.overlay, i.extra_overlay):
+            if overlay is not None:
+                copy_overlay(overlay, tree)
+        yield tree, base, system
     finally:
         shutil.rmtree(tree.parent)
-    return Rootfs(out, base.reused, system.reused, system.packages, base.key, system.key, system.path)
 
 
-def _rootfs_from(
-    recipe: Recipe, system: System, tree: Path, out: Path, *, epoch: int, extra_overlay: Path | None
-) -> None:
-    link_copy(system.path, tree)
-    for overlay in (recipe.files.overlay, extra_overlay):
-        if overlay is not None:
-            copy_overlay(overlay, tree)
+def make_rootfs_image(recipe: Recipe, tree: Path, out: Path, *, epoch: int) -> None:
+    """`tree` as the rootfs image `out`: ext4 sized to its content, at most a slot (ImageBuildError if larger)."""
     used, inodes = tree_usage(tree)
     ext4.make_ext4(
         out,
-        fs_size(used, inodes, recipe.layout().part(partitions.SLOT_PARTITIONS["a"]).size),
+        fs_size(used, inodes, recipe.partitions.rootfs),
         tree,
         label=ROOTFS_LABEL,
         uuid=partitions.identity_uuid(recipe.identity, "fs:rootfs"),
         epoch=epoch,
     )
+
+
+def build_rootfs(recipe: Recipe, out: Path, inputs: TreeInputs) -> Rootfs:
+    """The rootfs image of `recipe` at `out`: ext4, sized to its content (at most a slot)."""
+    with rootfs_tree(recipe, inputs) as (tree, base, system):
+        make_rootfs_image(recipe, tree, out, epoch=inputs.epoch)
+    return Rootfs(out, base.reused, system.reused, system.packages, base.key, system.key, system.path)

@@ -22,6 +22,13 @@ def _by_partlabel(name: str) -> str:
     return f"/dev/disk/by-partlabel/{name}"
 
 
+# A Jetson flashed with ROOTFS_AB=1: NVIDIA's partitions, nvbootctrl's slot names (docs/jetson.md).
+JETSON_SLOTS: tuple[tuple[str, str, str], ...] = (
+    ("a", _by_partlabel("APP"), "A"),
+    ("b", _by_partlabel("APP_b"), "B"),
+)
+
+
 @dataclass(frozen=True)
 class SystemToml:
     """The keys of system.toml; defaults are those of a device built from a recipe."""
@@ -32,8 +39,9 @@ class SystemToml:
     data_dir: str = DATA_DIR
     keyring: str = KEYRING_PATH
     grubenv: str = GRUBENV_PATH
-    # (slot name, device); the boot names are the slot names (GRUB knows "a" and "b").
-    slots: tuple[tuple[str, str], ...] = tuple((s, _by_partlabel(p)) for s, p in SLOT_PARTITIONS.items())
+    # (slot name, device, boot name); GRUB's boot names are the slot names ("a" and "b").
+    slots: tuple[tuple[str, str, str], ...] = tuple((s, _by_partlabel(p), s) for s, p in SLOT_PARTITIONS.items())
+    backend: str = "grub"  # or "nvbootctrl" (a Jetson: no grubenv; the slots are JETSON_SLOTS)
     booted_slot: str = "auto"
     boot_id: str | None = None  # None: the kernel's (/proc/sys/kernel/random/boot_id)
     cmdline: str | None = None  # None: /proc/cmdline
@@ -58,9 +66,14 @@ def render(cfg: SystemToml) -> str:
         lines.append(f"boot_id = {_s(cfg.boot_id)}")
     if cfg.cmdline is not None:
         lines.append(f"cmdline = {_s(cfg.cmdline)}")
-    lines += ["", "[bootloader]", 'backend = "grub"', f"grubenv = {_s(cfg.grubenv)}", f"tries = {cfg.tries}"]
-    for name, device in cfg.slots:
+    lines += ["", "[bootloader]", f"backend = {_s(cfg.backend)}"]
+    if cfg.backend == "grub":
+        lines.append(f"grubenv = {_s(cfg.grubenv)}")
+    lines.append(f"tries = {cfg.tries}")
+    for name, device, boot_name in cfg.slots:
         lines += ["", "[[slot]]", f"name = {_s(name)}", f"device = {_s(device)}"]
+        if boot_name != name:
+            lines.append(f"boot_name = {_s(boot_name)}")
     text = "\n".join(lines) + "\n"
     try:
         parse(text, Path(PATH))

@@ -425,10 +425,7 @@ def test_rootfs_is_reproducible(ipc_image: build.Result, tmp_path: Path) -> None
         (cache.root / "base").mkdir(parents=True)
         os.link(base, cache.root / "base" / base.name)  # the same packages: the base is not rebuilt
         wheels = rootfs.wheelhouse(REPO, tmp_path / f"wheels{n}", rootfs.Cache(CACHE))
-        built = rootfs.build_rootfs(
-            r, tmp_path / f"rootfs{n}.ext4", cache=cache, keyring_pem=keyring,
-            wheels=wheels, epoch=SDE,
-        )  # fmt: skip
+        built = rootfs.build_rootfs(r, tmp_path / f"rootfs{n}.ext4", rootfs.TreeInputs(cache, keyring, wheels, SDE))
         assert built.base_reused and not built.system_reused
         hashes.append(file_sha256(built.image))
         shutil.rmtree(cache.root)

@@ -349,7 +349,7 @@ def test_system_toml_is_read_back_by_ota(tmp_path: Path) -> None:
     # Development form: file slots, a pinned booted slot, quotes survive.
     dev = systemconf.SystemToml(
         'dev "x"'.replace(" ", "-"),
-        slots=(("a", str(tmp_path / "a.img")), ("b", str(tmp_path / "b.img"))),
+        slots=(("a", str(tmp_path / "a.img"), "a"), ("b", str(tmp_path / "b.img"), "b")),
         booted_slot="a",
         boot_id=str(tmp_path / "boot_id"),
         data_dir=str(tmp_path),
@@ -595,14 +595,8 @@ def test_rootfs_from_a_recipe_boots_and_marks_itself_good(tmp_path: Path) -> Non
     repo = Path(__file__).resolve().parent.parent
     cache = rootfs.Cache(repo / ".cache" / "image")
     wheels = rootfs.wheelhouse(repo, tmp_path / "wheels", cache)
-    built = rootfs.build_rootfs(
-        r,
-        tmp_path / "rootfs.ext4",
-        cache=cache,
-        keyring_pem=(tmp_path / "recipe" / "keyring.pem").read_bytes(),
-        wheels=wheels,
-        epoch=SDE,
-    )
+    keyring = (tmp_path / "recipe" / "keyring.pem").read_bytes()
+    built = rootfs.build_rootfs(r, tmp_path / "rootfs.ext4", rootfs.TreeInputs(cache, keyring, wheels, SDE))
     img = built.image
     assert any(p.startswith("systemd ") for p in built.packages) and any(
         p.startswith("chrony ") for p in built.packages

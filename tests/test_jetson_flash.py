@@ -11,120 +11,27 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from jetsonkit import (
+    EMMC_AB_LAYOUT,
+    NVME_AB_LAYOUT,
+    NVME_SINGLE_LAYOUT,
+    calls,
+    make_bsp,
+    make_host,
+    make_tree,
+    sudo_env,
+)
 
 from pitstop.image import jetson
 from pitstop.image.errors import FlashError
-from pitstop.image.jetson import Host, JetsonFlashError
+from pitstop.image.jetson import JetsonFlashError
 from pitstop.runner import clean_env
 
 GiB = 1 << 30
 
-# Excerpt of NVIDIA's tools/kernel_flash/flash_l4t_t234_nvme_rootfs_ab.xml as shipped in L4T R36.2.0 (mirror of
-# the BSP: https://github.com/johnnynunez/Linux_for_Tegra/blob/9a5768c1a17df30489bdb6359d8c66a85b020e82/
-# tools/kernel_flash/flash_l4t_t234_nvme_rootfs_ab.xml), trimmed to the partitions the tests need; element and
-# attribute names, sizes and placeholders as published. Elements the tests do not read (allocation_policy,
-# filesystem_type, descriptions, ...) are left out of most partitions.
-NVME_AB_LAYOUT = b"""<?xml version="1.0"?>
-<!-- excerpt of NVIDIA's flash_l4t_t234_nvme_rootfs_ab.xml (L4T R36.2.0) -->
-<partition_layout version="01.00.0000">
-    <device type="external" instance="0" sector_size="512" num_sectors="EXT_NUM_SECTORS" >
-        <partition name="A_kernel" id="3" type="kernel">
-            <allocation_policy> sequential </allocation_policy>
-            <size> 134217728 </size>
-            <filename> LNXFILE </filename>
-        </partition>
-        <partition name="A_kernel-dtb" type="kernel_dtb">
-            <size> 786432 </size>
-        </partition>
-        <partition name="B_kernel" type="kernel">
-            <size> 134217728 </size>
-        </partition>
-        <partition name="B_kernel-dtb" type="kernel_dtb">
-            <size> 786432 </size>
-        </partition>
-        <partition name="esp" type="data">
-            <size> 67108864 </size>
-            <partition_type_guid> C12A7328-F81F-11D2-BA4B-00A0C93EC93B </partition_type_guid>
-        </partition>
-        <partition name="esp_alt" type="data">
-            <size> 67108864 </size>
-        </partition>
-        <partition name="UDA" type="data">
-            <size> 419430400 </size>
-            <align_boundary> 16384 </align_boundary>
-        </partition>
-        <partition name="APP" id="1" type="data">
-            <allocation_policy> sequential </allocation_policy>
-            <size> APPSIZE </size>
-            <align_boundary> 16384 </align_boundary>
-            <unique_guid> APPUUID </unique_guid>
-            <filename> APPFILE </filename>
-        </partition>
-        <partition name="APP_b" id="2" type="data">
-            <allocation_policy> sequential </allocation_policy>
-            <size> APPSIZE </size>
-            <align_boundary> 16384 </align_boundary>
-            <unique_guid> APPUUID_b </unique_guid>
-            <filename> APPFILE_b </filename>
-        </partition>
-        <partition name="secondary_gpt" type="secondary_gpt">
-            <size> 0xFFFFFFFFFFFFFFFF </size>
-        </partition>
-    </device>
-</partition_layout>
-"""
-
-# Excerpt of NVIDIA's bootloader/generic/cfg/flash_t234_qspi_sdmmc_rootfs_ab.xml (L4T R36.2.0, same mirror): the
-# QSPI device first, then the eMMC (sdmmc_user) device that holds the rootfs slots.
-EMMC_AB_LAYOUT = b"""<?xml version="1.0"?>
-<partition_layout version="01.00.0000">
-    <device type="spi" instance="0" sector_size="512" num_sectors="131072" >
-        <partition name="BCT" type="boot_config_table">
-            <size> 262144 </size>
-        </partition>
-        <partition name="A_mb1" type="mb1_bootloader">
-            <size> 262144 </size>
-        </partition>
-    </device>
-    <device type="sdmmc_user" instance="3" sector_size="512" num_sectors="INT_NUM_SECTORS" >
-        <partition name="A_kernel" id="3" type="data"><size> 134217728 </size></partition>
-        <partition name="A_kernel-dtb" type="kernel_dtb"><size> 786432 </size></partition>
-        <partition name="B_kernel" type="data"><size> 134217728 </size></partition>
-        <partition name="B_kernel-dtb" type="kernel_dtb"><size> 786432 </size></partition>
-        <partition name="esp" type="data"><size> 67108864 </size></partition>
-        <partition name="esp_alt" type="data"><size> 67108864 </size></partition>
-        <partition name="APP" id="1" type="data">
-            <size> APPSIZE </size>
-            <align_boundary> 16384 </align_boundary>
-        </partition>
-        <partition name="APP_b" id="2" type="data">
-            <size> APPSIZE </size>
-            <align_boundary> 16384 </align_boundary>
-        </partition>
-    </device>
-</partition_layout>
-"""
-
-# The single-rootfs layout (flash_l4t_t234_nvme.xml style): APP and no slot B. Not an A/B layout.
-NVME_SINGLE_LAYOUT = b"""<?xml version="1.0"?>
-<partition_layout version="01.00.0000">
-    <device type="external" instance="0" sector_size="512" num_sectors="EXT_NUM_SECTORS" >
-        <partition name="A_kernel" id="2" type="kernel"><size> 134217728 </size></partition>
-        <partition name="esp" type="data"><size> 67108864 </size></partition>
-        <partition name="APP" id="1" type="data">
-            <size> APPSIZE </size>
-            <align_boundary> 16384 </align_boundary>
-        </partition>
-    </device>
-</partition_layout>
-"""
-
-# The commands as NVIDIA documents them, written out: README_initrd_flash.txt Workflow 5 (ROOTFS_AB=1, -S, -c,
-# rootdev external) with the Quick Start's NVMe options; flash.sh's ROOTFS_RETRY_COUNT_MAX (1 to 3).
 ORIN_NANO_16G = (
     "sudo ROOTFS_AB=1 ROOTFS_RETRY_COUNT_MAX=3 ./tools/kernel_flash/l4t_initrd_flash.sh --external-device nvme0n1p1"
     " -S 17179869184 -c tools/kernel_flash/flash_l4t_t234_nvme_rootfs_ab.xml"
@@ -223,8 +130,14 @@ def test_slot_size_rounded_to_alignment() -> None:
 def test_wrong_method_or_layout_refused() -> None:
     with pytest.raises(JetsonFlashError, match=r"flashed with initrd, not flash\.sh"):
         jetson.flash_config("jetson-orin-nano-devkit", GiB, method="flash.sh")
-    with pytest.raises(JetsonFlashError, match=r"chosen by the board's \.conf"):
-        jetson.flash_config("jetson-agx-orin-devkit", GiB, layout="/tmp/x.xml")
+    # flash.sh takes a replacement for the .conf's layout with its own -c (R36.2.0 flash.sh: `c) CFGFILE=${OPTARG}`).
+    agx = jetson.flash_config("jetson-agx-orin-devkit", 20 * GiB, layout="/out/emmc.pitstop.xml")
+    assert agx.command_line() == (
+        "sudo ROOTFS_AB=1 ROOTFS_RETRY_COUNT_MAX=3 ./flash.sh -c /out/emmc.pitstop.xml -S 21474836480 "
+        "jetson-agx-orin-devkit internal"
+    )
+    agx = jetson.flash_config("jetson-agx-orin-devkit", 20 * GiB, layout="/out/emmc.pitstop.xml", method="initrd")
+    assert agx.argv[1:3] == ("-p", "-c /out/emmc.pitstop.xml -S 21474836480")
     cfg = jetson.flash_config("jetson-orin-nano-devkit", GiB, layout="/out/flash_l4t_t234_nvme_rootfs_ab.pitstop.xml")
     assert cfg.argv[cfg.argv.index("-c") + 1] == "/out/flash_l4t_t234_nvme_rootfs_ab.pitstop.xml"
 
@@ -255,100 +168,15 @@ def test_flash_script_text() -> None:
     assert "set -eu" in lines
     assert 'cd "$l4t"' in lines
     order = [
-        'sudo cp -a --reflink=auto "$tree"/. rootfs/',
+        'else sudo cp -a --reflink=auto "$tree"/. rootfs/',
         "sudo ./apply_binaries.sh",
-        "sudo ln -sfn /dev/null rootfs/etc/systemd/system/nv-l4t-bootloader-config.service",
+        "sudo ln -s /dev/null rootfs/etc/systemd/system/nv-l4t-bootloader-config.service",
         ORIN_NANO_16G,
     ]
     assert [lines.index(x) for x in order] == sorted(lines.index(x) for x in order)
     assert lines[-1] == ORIN_NANO_16G
     assert "l4t_create_default_user" not in script
     subprocess.run(["sh", "-n"], input=script.encode(), check=True)
-
-
-# --- a fake BSP ----------------------------------------------------------------------------------------------------
-
-RECORDER = """#!{python}
-import json, os, sys
-with open({log!r}, "a") as f:
-    f.write(json.dumps({{"tool": {name!r}, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}) + "\\n")
-{extra}
-sys.exit({status})
-"""
-
-# What NVIDIA's apply_binaries.sh leaves that matters here: its bootloader-config unit, linked and enabled.
-APPLY_EXTRA = """
-root = os.path.join(os.getcwd(), "rootfs")
-unit = "/opt/nvidia/l4t-bootloader-config/nv-l4t-bootloader-config.service"
-os.makedirs(root + os.path.dirname(unit), exist_ok=True)
-open(root + unit, "w").write("[Service]\\nExecStart=" + os.path.dirname(unit) + "/nv-l4t-bootloader-config.sh -v\\n")
-os.makedirs(root + "/etc/systemd/system/multi-user.target.wants", exist_ok=True)
-os.symlink(unit, root + "/etc/systemd/system/nv-l4t-bootloader-config.service")
-os.symlink(unit, root + "/etc/systemd/system/multi-user.target.wants/nv-l4t-bootloader-config.service")
-open(root + "/nvidia-userspace", "w").write("applied\\n")
-"""
-
-
-def _tool(path: Path, log: Path, *, status: int = 0, extra: str = "") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(RECORDER.format(python=sys.executable, log=str(log), name=path.name, extra=extra, status=status))
-    path.chmod(0o755)
-
-
-def make_bsp(tmp: Path, *, release: tuple[str, str, str] = ("36", "2", "0"), flash_status: int = 0) -> Path:
-    """A Linux_for_Tegra with the layout of NVIDIA's R36.2.0 BSP; its tools record to tmp/calls.jsonl."""
-    bsp = tmp / "Linux_for_Tegra"
-    log = tmp / "calls.jsonl"
-    _tool(bsp / "flash.sh", log, status=flash_status)
-    _tool(bsp / "apply_binaries.sh", log, extra=APPLY_EXTRA)
-    _tool(bsp / "tools/kernel_flash/l4t_initrd_flash.sh", log, status=flash_status)
-    for d in ("bootloader/generic/cfg", "kernel", "rootfs", "nv_tegra", "tools/kernel_flash"):
-        (bsp / d).mkdir(parents=True, exist_ok=True)
-    (bsp / "rootfs/README.txt").write_text("Download and extract the sample filesystem to this directory.\n")
-    branch, major, minor = release
-    (bsp / "nv_tegra/bsp_version").write_text(
-        f'BSP_BRANCH={branch}\nBSP_MAJOR={major}\nBSP_MINOR={minor}\nBSP_VERSION="${{BSP_BRANCH}}.${{BSP_MAJOR}}"\n'
-    )
-    # As in the BSP: the board names are links to the module/carrier configurations.
-    (bsp / "p3768-0000-p3767-0000-a0.conf").write_text("source p3767.conf.common\n")
-    (bsp / "jetson-orin-nano-devkit.conf").symlink_to("p3768-0000-p3767-0000-a0.conf")
-    (bsp / "p3737-0000-p3701-0000.conf").write_text("source p3701.conf.common\n")
-    (bsp / "jetson-agx-orin-devkit.conf").symlink_to("p3737-0000-p3701-0000.conf")
-    (bsp / "tools/kernel_flash/flash_l4t_t234_nvme_rootfs_ab.xml").write_bytes(NVME_AB_LAYOUT)
-    (bsp / "bootloader/generic/cfg/flash_t234_qspi_sdmmc_rootfs_ab.xml").write_bytes(EMMC_AB_LAYOUT)
-    (bsp / "bootloader/generic/cfg/flash_t234_qspi.xml").write_text("<partition_layout/>\n")
-    return bsp
-
-
-def make_tree(tmp: Path) -> Path:
-    tree = tmp / "rootfs-tree"
-    (tree / "etc/pitstop").mkdir(parents=True)
-    (tree / "etc/pitstop/system.toml").write_text('compatible = "acme-orin-nano"\n')
-    (tree / "usr/bin").mkdir(parents=True)
-    (tree / "usr/bin/tool").write_text("#!/bin/sh\n")
-    (tree / "usr/bin/tool").chmod(0o755)
-    (tree / "sbin").symlink_to("usr/sbin")
-    return tree
-
-
-def make_host(tmp: Path, *, euid: int = 0, product: str | None = "7523", machine: str = "aarch64") -> Host:
-    usb = tmp / "sys-usb"
-    usb.mkdir(exist_ok=True)
-    (usb / "usb1").mkdir(exist_ok=True)
-    (usb / "usb1/idVendor").write_text("1d6b\n")  # a root hub
-    (usb / "usb1/idProduct").write_text("0002\n")
-    if product is not None:
-        (usb / "1-3").mkdir(exist_ok=True)
-        (usb / "1-3/idVendor").write_text("0955\n")
-        (usb / "1-3/idProduct").write_text(f"{product}\n")
-    return Host(euid=euid, machine=machine, usb_devices=usb, qemu_static=tmp / "no-qemu-aarch64-static")
-
-
-def calls(tmp: Path) -> list[dict[str, object]]:
-    log = tmp / "calls.jsonl"
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 # --- the BSP check -------------------------------------------------------------------------------------------------
@@ -486,6 +314,21 @@ def test_patch_layout_sets_both_slots_only() -> None:
         jetson.patch_layout(NVME_AB_LAYOUT, 16 * GiB + 512)
 
 
+def test_patch_layout_sets_the_data_partition() -> None:
+    patched = jetson.patch_layout(NVME_AB_LAYOUT, 16 * GiB, data_size=4 * GiB)
+    after = jetson.check_layout(patched)
+    uda = after.partition("UDA")
+    assert uda is not None and uda.size_bytes == 4 * GiB  # NVIDIA's is 419430400 (400 MiB)
+    assert patched.replace(b"<size> 4294967296 </size>", b"<size> 419430400 </size>") == jetson.patch_layout(
+        NVME_AB_LAYOUT, 16 * GiB
+    )
+    with pytest.raises(JetsonFlashError, match=r"UDA: .* not a multiple of its align_boundary 16384"):
+        jetson.patch_layout(NVME_AB_LAYOUT, 16 * GiB, data_size=4 * GiB + 512)
+    no_uda = NVME_AB_LAYOUT.replace(b'name="UDA"', b'name="UDX"')
+    with pytest.raises(JetsonFlashError, match="no UDA partition"):
+        jetson.patch_layout(no_uda, 16 * GiB, data_size=4 * GiB)
+
+
 def test_write_patched_layout_never_edits_the_bsp(tmp_path: Path) -> None:
     bsp = make_bsp(tmp_path)
     nano = jetson.board("jetson-orin-nano-devkit")
@@ -557,12 +400,7 @@ def test_generated_script_runs_the_same_commands(tmp_path: Path) -> None:
     cfg = jetson.flash_config("jetson-orin-nano-devkit", 16 * GiB)
     script = tmp_path / "flash.sh"
     script.write_text(jetson.render_flash_script(cfg))
-    # A stand-in sudo that runs the command with the given assignments, as sudo does.
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "sudo").write_text('#!/bin/sh\nexec env "$@"\n')
-    (bindir / "sudo").chmod(0o755)
-    env = {"PATH": f"{bindir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    env = sudo_env(tmp_path)
     subprocess.run(["sh", str(script), str(bsp), str(tree)], env=env, check=True, capture_output=True)
     apply, flash = calls(tmp_path)
     assert (apply["tool"], flash["tool"]) == ("apply_binaries.sh", "l4t_initrd_flash.sh")
@@ -597,8 +435,8 @@ def test_dry_run_changes_nothing_and_reports(tmp_path: Path) -> None:
     assert plan.steps[3].env == (("ROOTFS_AB", "1"), ("ROOTFS_RETRY_COUNT_MAX", "3"))
     assert len(plan.problems) == 3
     assert "not running as root" in plan.problems[0]
-    assert "no jetson-orin-nano-devkit in recovery mode on USB (looked for 0955:7323, 0955:7423" in plan.problems[1]
-    assert "qemu-aarch64-static missing: apply_binaries.sh needs it on a x86_64 host" in plan.problems[2]
+    assert "qemu-aarch64-static missing: apply_binaries.sh needs it on a x86_64 host" in plan.problems[1]
+    assert "no jetson-orin-nano-devkit in recovery mode on USB (looked for 0955:7323, 0955:7423" in plan.problems[2]
 
 
 def test_dry_run_without_bsp_lists_what_is_missing(tmp_path: Path) -> None:
@@ -667,7 +505,16 @@ def test_mask_units(tmp_path: Path) -> None:
     assert os.readlink(link) == "/dev/null"
     jetson.mask_units(rootfs, jetson.UNITS_TO_MASK)  # again: unchanged
     assert os.readlink(link) == "/dev/null"
+    # L4T's packages put their unit files into /etc/systemd/system: the file is replaced by the mask.
     link.unlink()
     link.write_text("[Service]\n")
-    with pytest.raises(JetsonFlashError, match="is a unit file, not a link"):
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir()
+    (wants / "nv-l4t-bootloader-config.service").symlink_to("../nv-l4t-bootloader-config.service")
+    jetson.mask_units(rootfs, jetson.UNITS_TO_MASK)
+    assert os.readlink(link) == "/dev/null"
+    assert list(wants.iterdir()) == []
+    link.unlink()
+    link.mkdir()
+    with pytest.raises(JetsonFlashError, match="is a directory"):
         jetson.mask_units(rootfs, jetson.UNITS_TO_MASK)

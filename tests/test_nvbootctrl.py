@@ -509,7 +509,8 @@ def step(w: World, op: str, seen: dict[str, int]) -> World | None:
     try:
         if op.startswith("install"):
             if w.rec.slots[w.booted].content in (Content.BAD, Content.WRITING):
-                return None  # the known gap: test_install_over_the_only_good_slot_after_mark_bad_of_the_running_one
+                # refused by begin_install: test_install_over_the_only_good_slot_after_mark_bad_of_the_running_one
+                return None
             target, env2, rec = ss.begin_install(env, w.rec, w.booted)
             j = checked_write(w, env2, op) if env2 != env else w.jetson
             w = replace(w, jetson=j, rec=rec, broken=w.broken | {target})  # being overwritten from here on

@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,9 @@ from pitstop.image import build, esp, partitions, qemu, recipe, rootfs
 from pitstop.image.errors import ImageBuildError, RecipeError
 from pitstop.image.progress import Stages
 from pitstop.ota import grubenv
+from pitstop.ota.bundle_spec import BundleSpec, PayloadSpec
+from pitstop.ota.bundle_writer import create_bundle
+from pitstop.ota.signing import KeyFileSigner
 from pitstop.runner import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,9 +283,11 @@ def arm64_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[build.Resu
 @pytest.mark.slow
 def test_arm64_image_ab_update(arm64_image: build.Result, tmp_path: Path) -> None:
     """An arm64 machine under TCG: slot a up and marked good, ONNX Runtime imports, the first bundle installed
-    into slot b over HTTP with `pitstop install`, slot b booted and committed."""
+    into slot b over HTTP with `pitstop install`, slot b booted and committed; then a bundle whose rootfs cannot
+    boot installed into slot a: GRUB spends its tries on it (kernel panics) and falls back to slot b by itself."""
     from arm64kit import Arm64Vm, aarch64_missing
     from httpkit import FileServer
+    from vm import image as vm_image
 
     if (missing := aarch64_missing()) is not None:
         pytest.skip(missing)
@@ -292,11 +298,26 @@ def test_arm64_image_ab_update(arm64_image: build.Result, tmp_path: Path) -> Non
     assert any(p["wheel"].endswith("_aarch64.whl") for p in m["python"] if p["name"] == "onnxruntime"), m["python"]
     efi = run(["mcopy", "-n", "-i", f"{o.disk}@@{1 << 20}", "::/EFI/BOOT/BOOTAA64.EFI", "-"], env=esp.MTOOLS_ENV)
     assert efi.stdout[:2] == b"MZ"
+    # The broken update: the image's own arm64 kernel with an initrd whose /init is an x86_64 program (the
+    # test kit's busybox): the kernel cannot run it and panics (panic=5 reboots). Signed like a good bundle.
+    system = rootfs.Cache(CACHE).path("system", m["stages"]["system"]["key"], ".tree")
+    bad_slot = vm_image.build_slot(tmp_path / "bad", system / "vmlinuz", "bad", 96 << 20)
+    bad = tmp_path / "broken.pitb"
+    keys = CACHE / build.DEV_KEYS_DIR
+    spec = BundleSpec(
+        "1.0.1",
+        1,
+        "pitstop-arm64-uefi",
+        (PayloadSpec("rootfs", "rootfs", bad_slot, "rootfs"),),
+        created=datetime.fromtimestamp(SDE + 60, UTC),
+    )
+    create_bundle(spec, bad, KeyFileSigner.load(keys / "signing.key", [keys / "chain.pem"]))
     disk = tmp_path / "disk.img"
     run(["cp", "--sparse=always", o.disk, disk])  # the build's image stays as built
     opts = qemu.BootOptions(arch="arm64", memory_mib=1536, cpus=2, kvm=False)
     with FileServer() as srv:
         srv.add("first.pitb", o.bundle)
+        srv.add("broken.pitb", bad)
         port = srv.base_url.rsplit(":", 1)[1]
         with Arm64Vm(disk, tmp_path, name="arm64", limit=5400, opts=opts, console_input=True) as vm:
             sh = Console(vm)
@@ -317,9 +338,20 @@ def test_arm64_image_ab_update(arm64_image: build.Result, tmp_path: Path) -> Non
             vm.wait_for(r"pitstop-grub: booting slot b", 300, start=start)
             _, ready = vm.wait_for(r"PITSTOP-READY", 900, start=start)
             slot_is_up(sh, "b", start, update="committed")
+            ready_b = ready.t
+            start = install_and_reboot(sh, f"http://10.0.2.2:{port}/broken.pitb", 3000)
+            # GRUB's tries of the broken slot, each a kernel panic and a reset, then the fallback to b.
+            for _ in range(3):
+                vm.wait_for(r"pitstop-grub: booting slot a", 300, start=start)
+                panic, _ = vm.wait_for(r"Kernel panic", 300, start=start)
+                start = panic + 1
+            vm.wait_for(r"pitstop-grub: booting slot b", 300, start=start)
+            _, ready = vm.wait_for(r"PITSTOP-READY", 900, start=start)
+            slot_is_up(sh, "b", start, other_bad=True, update="failed")
             print(
                 f"arm64: slot a ready {ready_a:.0f} s after QEMU started; import onnxruntime {ort_s:.0f} s; "
-                f"install {install_s:.0f} s; slot b ready {ready.t:.0f} s; whole scenario {vm.elapsed:.0f} s"
+                f"install {install_s:.0f} s; slot b ready {ready_b:.0f} s; back on b after the broken "
+                f"update {ready.t:.0f} s; whole scenario {vm.elapsed:.0f} s"
             )
             vm.send("poweroff\n")
             vm.wait_exit(300)

@@ -144,6 +144,16 @@ def check_early(r: Recipe, l4t: L4t, host: jetson.Host) -> None:
     config = flash_config(r)
     problems = jetson.integration_problems(l4t.bsp.absolute(), config, host)
     problems += [f"{d}: not a .deb file" for d in l4t.debs if not (d.is_file() and d.name.endswith(".deb"))]
+    if not problems:
+        # The BSP's layout must take pitstop's sizes (an A/B layout, with UDA, sizes on its alignment).
+        try:
+            xml = (l4t.bsp / config.board.layout).read_bytes()
+            jetson.check_layout(xml)
+            jetson.patch_layout(xml, config.slot_size, r.partitions.data)
+        except OSError as e:
+            problems.append(f"{l4t.bsp / config.board.layout}: cannot read the layout: {e.strerror}")
+        except jetson.JetsonFlashError as e:
+            problems.append(f"{l4t.bsp / config.board.layout}: {e.message}")
     if not problems and l4t.flash:
         problems += jetson.flash_problems(config, host)
     if problems:

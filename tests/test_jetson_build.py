@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from imagekit import RECIPE, image_cli_run, write_recipe
-from jetsonkit import calls, make_bsp, make_host, make_tree, sudo_env
+from jetsonkit import NVME_AB_LAYOUT, NVME_SINGLE_LAYOUT, calls, make_bsp, make_host, make_tree, sudo_env
 
 from pitstop.errors import UsageError
 from pitstop.image import build, jetson, jetson_build, recipe, rootfs, systemconf
@@ -192,6 +192,19 @@ def test_an_incomplete_bsp_stops_the_build_before_it_starts(tmp_path: Path) -> N
     with pytest.raises(JetsonFlashError, match=r"(?s)nothing was built.*apply_binaries\.sh: missing") as e:
         jetson_build.check_early(r, jetson_build.L4t(bsp=bsp), make_host(tmp_path))
     assert e.value.exit_code == 32
+
+
+def test_a_layout_that_cannot_take_the_recipe_stops_the_build(tmp_path: Path) -> None:
+    r = recipe.load(RECIPES["jetson-orin-nano-devkit"])
+    bsp = make_bsp(tmp_path)
+    layout = bsp / jetson.board("jetson-orin-nano-devkit").layout
+    layout.write_bytes(NVME_SINGLE_LAYOUT)
+    with pytest.raises(JetsonFlashError, match=r"(?s)nothing was built.*not NVIDIA's rootfs A/B layout"):
+        jetson_build.check_early(r, jetson_build.L4t(bsp=bsp), make_host(tmp_path))
+    layout.write_bytes(NVME_AB_LAYOUT.replace(b'name="UDA"', b'name="DATA"'))
+    with pytest.raises(JetsonFlashError, match="no UDA partition"):
+        jetson_build.check_early(r, jetson_build.L4t(bsp=bsp), make_host(tmp_path))
+    assert calls(tmp_path) == []
 
 
 def test_a_missing_device_stops_the_build_unless_no_flash(tmp_path: Path) -> None:

@@ -132,8 +132,7 @@ class Board:
     storage: Literal["nvme", "emmc"]
     methods: tuple[Method, ...]  # first = default
     rootdev: str  # the <rootdev> argument
-    layout: str  # the A/B layout, relative to Linux_for_Tegra
-    pass_layout: bool  # always given with `-c` (external device), or the board's .conf choice unless replaced
+    layout: str  # the A/B layout, relative to Linux_for_Tegra (`-c` for an external device; else the .conf's choice)
     external_device: str | None = None
     qspi_config: str | None = None  # given to flash.sh through `-p "-c ..."`
     network: str | None = None
@@ -156,7 +155,6 @@ BOARDS: Mapping[str, Board] = {
             methods=("initrd",),
             rootdev="external",
             layout="tools/kernel_flash/flash_l4t_t234_nvme_rootfs_ab.xml",
-            pass_layout=True,
             external_device="nvme0n1p1",
             qspi_config="bootloader/generic/cfg/flash_t234_qspi.xml",
             network="usb0",
@@ -185,7 +183,6 @@ BOARDS: Mapping[str, Board] = {
             layout="bootloader/generic/cfg/flash_t234_qspi_sdmmc_rootfs_ab.xml",
             # p3737-0000-p3701-0000.conf.common selects it when ROOTFS_AB=1; flash.sh's `-c <cfgfile>` replaces it
             # (bsp-r36.2 flash.sh: `c) CFGFILE=${OPTARG}`, `mkfilepath cfgfile "${CFGFILE}" ".../${EMMC_CFG}"`).
-            pass_layout=False,
             usb_product_ids=("7023", "7223"),
             sources=("readme-initrd", "bsp-r36.2", "flashing-support"),
             unconfirmed=(

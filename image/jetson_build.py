@@ -185,9 +185,8 @@ def build_jetson(req: build.Request, l4t: L4t, stages: Stages) -> Result:
             tar_tree(tree, outs.rootfs_tar)
         if bsp is not None:
             with stages.step("layout", "NVIDIA's A/B layout with pitstop's slot and data sizes"):
-                layout = jetson.write_patched_layout(
-                    bsp, board, jetson.slot_size(r.partitions.rootfs), outs.flash_dir, r.partitions.data
-                )
+                size = result.config.slot_size
+                layout = jetson.write_patched_layout(bsp, board, size, outs.flash_dir, r.partitions.data)
                 result.config = flash_config(r, layout)
             with stages.step("l4t", "rootfs into the BSP, apply_binaries.sh, NVIDIA's commit service masked"):
                 rootfs.ensure_binfmt(rootfs.DEB_ARCH[r.target.arch])

@@ -15,21 +15,17 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import find_tool
 from imagekit import SDE, write_recipe
-from test_image_build import AUTOLOGIN, Console, install_and_reboot, slot_is_up
+from test_image_build import AUTOLOGIN, Console, broken_bundle, install_and_reboot, slot_is_up
 
 from pitstop.image import build, esp, partitions, qemu, recipe, rootfs
 from pitstop.image.errors import ImageBuildError, RecipeError
 from pitstop.image.progress import Stages
 from pitstop.ota import grubenv
-from pitstop.ota.bundle_spec import BundleSpec, PayloadSpec
-from pitstop.ota.bundle_writer import create_bundle
-from pitstop.ota.signing import KeyFileSigner
 from pitstop.runner import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,7 +283,6 @@ def test_arm64_image_ab_update(arm64_image: build.Result, tmp_path: Path) -> Non
     boot installed into slot a: GRUB spends its tries on it (kernel panics) and falls back to slot b by itself."""
     from arm64kit import Arm64Vm, aarch64_missing
     from httpkit import FileServer
-    from vm import image as vm_image
 
     if (missing := aarch64_missing()) is not None:
         pytest.skip(missing)
@@ -301,17 +296,7 @@ def test_arm64_image_ab_update(arm64_image: build.Result, tmp_path: Path) -> Non
     # The broken update: the image's own arm64 kernel with an initrd whose /init is an x86_64 program (the
     # test kit's busybox): the kernel cannot run it and panics (panic=5 reboots). Signed like a good bundle.
     system = rootfs.Cache(CACHE).path("system", m["stages"]["system"]["key"], ".tree")
-    bad_slot = vm_image.build_slot(tmp_path / "bad", system / "vmlinuz", "bad", 96 << 20)
-    bad = tmp_path / "broken.pitb"
-    keys = CACHE / build.DEV_KEYS_DIR
-    spec = BundleSpec(
-        "1.0.1",
-        1,
-        "pitstop-arm64-uefi",
-        (PayloadSpec("rootfs", "rootfs", bad_slot, "rootfs"),),
-        created=datetime.fromtimestamp(SDE + 60, UTC),
-    )
-    create_bundle(spec, bad, KeyFileSigner.load(keys / "signing.key", [keys / "chain.pem"]))
+    bad = broken_bundle(tmp_path, system / "vmlinuz", "pitstop-arm64-uefi", 96 << 20)
     disk = tmp_path / "disk.img"
     run(["cp", "--sparse=always", o.disk, disk])  # the build's image stays as built
     opts = qemu.BootOptions(arch="arm64", memory_mib=1536, cpus=2, kvm=False)

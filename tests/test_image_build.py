@@ -350,6 +350,25 @@ def slot_is_up(sh: Console, slot: str, start: int, *, other_bad: bool = False, u
     return line.t
 
 
+def broken_bundle(tmp_path: Path, vmlinuz: Path, compatible: str, size: int) -> Path:
+    """A bundle, signed with the builder's development keys, whose rootfs holds `vmlinuz` and the test kit's initrd
+    in its "bad" mode (an init that exits, or one the kernel cannot run): the kernel panics at every boot."""
+    from vm import image as vm_image
+
+    bad_slot = vm_image.build_slot(tmp_path / "bad", vmlinuz, "bad", size)
+    bad = tmp_path / "broken.pitb"
+    keys = CACHE / build.DEV_KEYS_DIR
+    spec = BundleSpec(
+        "1.0.1",
+        1,
+        compatible,
+        (PayloadSpec("rootfs", "rootfs", bad_slot, "rootfs"),),
+        created=datetime.fromtimestamp(SDE + 60, UTC),
+    )
+    create_bundle(spec, bad, KeyFileSigner.load(keys / "signing.key", [keys / "chain.pem"]))
+    return bad
+
+
 @pytest.mark.root
 @pytest.mark.vm
 def test_ipc_image_boots_updates_to_b_and_rolls_back_a_broken_bundle(ipc_image: build.Result, tmp_path: Path) -> None:
@@ -357,24 +376,13 @@ def test_ipc_image_boots_updates_to_b_and_rolls_back_a_broken_bundle(ipc_image: 
     installed into slot b over HTTP with `pitstop install`; slot b booted and committed; a bundle whose rootfs
     cannot boot installed into slot a; GRUB spends its tries on it and falls back to slot b by itself."""
     from httpkit import FileServer
-    from vm import image as vm_image
     from vm.qemu import Vm
 
     vmlinuz = guest_kernel_or_skip()
     o = ipc_image.outputs
     assert o.bundle is not None
     # The broken update: a rootfs whose init exits (the kernel panics, panic=5 reboots), signed like a good one.
-    bad_slot = vm_image.build_slot(tmp_path / "bad", vmlinuz, "bad", 64 << 20)
-    bad = tmp_path / "broken.pitb"
-    keys = CACHE / "dev-keys"
-    spec = BundleSpec(
-        "1.0.1",
-        1,
-        "pitstop-ipc-x86_64",
-        (PayloadSpec("rootfs", "rootfs", bad_slot, "rootfs"),),
-        created=datetime.fromtimestamp(SDE + 60, UTC),
-    )
-    create_bundle(spec, bad, KeyFileSigner.load(keys / "signing.key", [keys / "chain.pem"]))
+    bad = broken_bundle(tmp_path, vmlinuz, "pitstop-ipc-x86_64", 64 << 20)
     disk = tmp_path / "disk.img"
     run(["cp", "--sparse=always", o.disk, disk])  # the build's image stays as built
     data_size = recipe.load(IPC_RECIPE).layout().part("data").size

@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import find_tool
-from imagekit import SDE, write_recipe
-from test_image_build import AUTOLOGIN, Console, broken_bundle, install_and_reboot, slot_is_up
+from imagekit import write_recipe
+from test_image_build import Console, broken_bundle, console_image_request, install_and_reboot, slot_is_up
 
 from pitstop.image import build, esp, partitions, qemu, recipe, rootfs
 from pitstop.image.errors import ImageBuildError, RecipeError
@@ -259,14 +258,8 @@ def test_aarch64_boot_command_line(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def arm64_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[build.Result]:
-    for name in ("mmdebstrap", "chroot", "tar", "mkfs.ext4", "sfdisk", "grub-mkimage"):
-        find_tool(name)
     tmp = tmp_path_factory.mktemp("arm64")
-    hooks = tmp / "hooks"
-    dropin = hooks / f"etc/systemd/system/serial-getty@{SERIAL}.service.d"
-    dropin.mkdir(parents=True)
-    (dropin / "autologin.conf").write_text(AUTOLOGIN)
-    req = build.Request(ARM64_RECIPE, tmp / "out", CACHE, REPO, SDE, True, extra_overlay=hooks)
+    req = console_image_request(ARM64_RECIPE, tmp, SERIAL)
     t0 = time.monotonic()
     result = build.build(req, Stages(enabled=True))
     print(f"arm64 build {time.monotonic() - t0:.0f} s: {result.seconds} reused {result.reused}")

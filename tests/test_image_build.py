@@ -230,17 +230,21 @@ ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,3840
 """
 
 
-@pytest.fixture(scope="module")
-def ipc_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[build.Result]:
+def console_image_request(recipe_path: Path, tmp: Path, serial: str) -> build.Request:
+    """A build of `recipe_path` into `tmp`/out whose `serial` console logs root in (an extra overlay), with the
+    tests' cache and epoch; the build tools are checked first."""
     for name in ("mmdebstrap", "chroot", "tar", "mkfs.ext4", "sfdisk", "grub-mkimage"):
         find_tool(name)
-    tmp = tmp_path_factory.mktemp("ipc")
-    hooks = tmp / "hooks"
-    dropin = hooks / "etc/systemd/system/serial-getty@ttyS0.service.d"
+    dropin = tmp / "hooks" / f"etc/systemd/system/serial-getty@{serial}.service.d"
     dropin.mkdir(parents=True)
     (dropin / "autologin.conf").write_text(AUTOLOGIN)
-    req = build.Request(IPC_RECIPE, tmp / "out", CACHE, REPO, SDE, True, extra_overlay=hooks)
-    yield build.build(req, Stages(enabled=True))
+    return build.Request(recipe_path, tmp / "out", CACHE, REPO, SDE, True, extra_overlay=tmp / "hooks")
+
+
+@pytest.fixture(scope="module")
+def ipc_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[build.Result]:
+    tmp = tmp_path_factory.mktemp("ipc")
+    yield build.build(console_image_request(IPC_RECIPE, tmp, "ttyS0"), Stages(enabled=True))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
